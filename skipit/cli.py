@@ -1,0 +1,223 @@
+"""Command line: ``skipit-compress MODEL OUT`` and ``skipit {compress,analyze}``.
+
+Only this module knows about terminals: progress bars and tables are fed by the library's callbacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+EXIT_OK, EXIT_CRASH, EXIT_ERROR, EXIT_NOTHING = 0, 1, 2, 3
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,-1, got {text!r}") from None
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model loading")
+    g.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 … (default: cpu)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "auto"],
+                   help="weights dtype during measurement (default: float32)")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model dir")
+    g.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights")
+    g = p.add_argument_group("calibration data")
+    g.add_argument("--calib", type=Path, help='JSONL with {"text": ...} or {"image": path, "text": ...} lines '
+                   "(default: built-in prose, plus drawn images for VLMs)")
+    g.add_argument("--calib-limit", type=int, help="use at most this many samples")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--max-length", type=int, default=128, help="tokens per text sample (default: 128)")
+    g.add_argument("--eps", type=float, default=0.1, help="cosine-distance threshold of the proximal condition")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _add_compress_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", type=Path, help="model directory (config.json + safetensors) or a .gguf file")
+    p.add_argument("out_dir", type=Path, help="output directory (model/, skipit_manifest.json, README.md)")
+    g = p.add_argument_group("certificate")
+    g.add_argument("--max-kl", type=float, default=None,
+                   help="bound on mean KL(original‖slim) in nats/token on held-out data, at --confidence "
+                   "(default 0.05 unless only --max-layers is given)")
+    g.add_argument("--max-layers", type=int, help="remove at most this many layers")
+    g.add_argument("--min-top1", type=float, help="lower bound on top-1 agreement with the original")
+    g.add_argument("--protect", type=_int_list, default=(0, -1), help="layers never removed (default: 0,-1)")
+    g.add_argument("--confidence", type=float, default=0.95)
+    g.add_argument("--probe-width", type=int, default=1, help="candidates verified per step (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    _add_common(p)
+
+
+def _options(args: argparse.Namespace, compress: bool) -> Any:
+    from skipit.compressor.analyze import AnalyzeConfig
+    from skipit.compressor.certify import CertifyPolicy
+    from skipit.compressor.loading import LoadOptions
+    from skipit.pipeline import CompressOptions, DataOptions
+
+    policy = CertifyPolicy()
+    if compress:
+        max_kl = args.max_kl if args.max_kl is not None or args.max_layers is not None else 0.05
+        policy = CertifyPolicy(max_kl=max_kl, max_layers=args.max_layers, min_top1=args.min_top1, protect=args.protect,
+                               confidence=args.confidence, probe_width=args.probe_width)
+    return CompressOptions(
+        load=LoadOptions(args.dtype, args.device, args.trust_remote_code, args.allow_pickle),
+        data=DataOptions(args.calib, args.calib_limit, args.batch_size, args.max_length),
+        policy=policy,
+        analyze=AnalyzeConfig(eps=args.eps),
+        overwrite=getattr(args, "overwrite", False),
+    )
+
+
+class _Progress:
+    """Rich progress bars fed by the library's progress events (on stderr, so --json stays clean)."""
+
+    def __init__(self, console: Any) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = console
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=console, transient=False)
+        self.task: Any = None
+
+    def __enter__(self) -> "_Progress":
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.__exit__(*exc)
+
+    def __call__(self, kind: str, info: dict[str, Any]) -> None:
+        if kind == "stage":
+            self.bar.console.log(info["name"])
+        elif kind == "pass_start":
+            removed = f" without layers {info['removed']}" if info["removed"] else " (original)"
+            if self.task is not None:
+                self.bar.update(self.task, visible=False)
+            self.task = self.bar.add_task(f"{info['split']} pass{removed}", total=info["samples"])
+        elif kind == "batch" and self.task is not None:
+            self.bar.advance(self.task, info["n"])
+        elif kind == "step":
+            verdict = "[green]kept[/]" if info["accepted"] else "[red]rejected[/]"
+            self.bar.console.log(f"layer {info['candidate']}: KL {info['kl']:.4f} (≤ {info['kl_hi']:.4f}), "
+                                 f"top-1 {info['top1']:.3f} → {verdict}")
+        elif kind == "verify":
+            self.bar.console.log(f"held-out check of {info['layers']}: KL {info['kl']:.4f} (≤ {info['kl_hi']:.4f})")
+
+
+def _summary(console: Any, manifest: dict[str, Any], out_dir: Path) -> None:
+    from rich.table import Table
+
+    cert = manifest["certificate"]
+    hold = cert["holdout"]
+    table = Table(title=f"skipit: {manifest['layers']['original']} → {manifest['layers']['slim']} layers", show_header=False)
+    table.add_row("removed layers", ", ".join(map(str, cert["layers"])))
+    table.add_row("held-out KL (nats/token)", f"{hold['kl']['mean']:.4f}  (≤ {hold['kl']['hi']:.4f})")
+    table.add_row("held-out top-1 agreement", f"{hold['top1']['mean']:.3f}  (≥ {hold['top1']['lo']:.3f})")
+    table.add_row("forward passes", f"{cert['passes']['total']}")
+    table.add_row("reload check", f"max |Δlogit| {manifest['reload_check']['max_abs_logit_error']:.2e}")
+    table.add_row("output", str(out_dir))
+    console.print(table)
+
+
+def _run(args: argparse.Namespace, job: Callable[[Any, Any], Any]) -> int:
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    from skipit.errors import SkipitError
+
+    console = Console(stderr=True)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False)], force=True)
+    try:
+        with _Progress(console) as progress:
+            return job(progress, console)
+    except SkipitError as exc:
+        if args.debug:
+            raise
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/]: nothing was written")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one clear line instead of a traceback
+        if args.debug:
+            raise
+        console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}\nrerun with --debug for the traceback "
+                      "and please report it", highlight=False)
+        return EXIT_CRASH
+
+
+def _compress(args: argparse.Namespace) -> int:
+    def job(progress: Any, console: Any) -> int:
+        from skipit.pipeline import compress
+
+        result = compress(args.model, args.out_dir, _options(args, compress=True), progress=progress)
+        if args.json:
+            print(json.dumps(result.manifest, default=str))
+        else:
+            _summary(console, result.manifest, result.out_dir)
+        return EXIT_OK
+
+    return _run(args, job)
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    def job(progress: Any, console: Any) -> int:
+        from skipit.pipeline import analyze_model
+
+        if args.out_json.exists() and not args.overwrite:
+            from skipit.errors import OutputExistsError
+
+            raise OutputExistsError(f"{args.out_json} already exists; pass --overwrite to replace it")
+        report = analyze_model(args.model, _options(args, compress=False), progress=progress)
+        tmp = args.out_json.with_name(f".{args.out_json.name}.tmp")
+        tmp.write_text(json.dumps(report, indent=2))
+        tmp.replace(args.out_json)
+        if args.json:
+            print(json.dumps(report))
+        else:
+            console.print(f"ranking (most redundant first): {report['ranking']}\nwrote {args.out_json}")
+        return EXIT_OK
+
+    return _run(args, job)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="skipit", description="Remove decoder layers that measurably do nothing.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("compress", help="certify, remove and save (same as skipit-compress)")
+    _add_compress_args(p)
+    p.set_defaults(func=_compress)
+    p = sub.add_parser("analyze", help="per-layer scores only, no rewrite")
+    p.add_argument("model", type=Path)
+    p.add_argument("out_json", type=Path)
+    p.add_argument("--overwrite", action="store_true")
+    _add_common(p)
+    p.set_defaults(func=_analyze)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``skipit``."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+def compress_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``skipit-compress`` (``skipit compress``)."""
+    parser = argparse.ArgumentParser(prog="skipit-compress", description="Certify, remove and save decoder layers.")
+    _add_compress_args(parser)
+    return _compress(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""Per-layer redundancy scores from one hooked forward pass, streamed (hidden states are never stored).
+
+For every decoder layer and separately for text and vision tokens:
+
+* ``cos_dist`` — mean cosine distance between the layer's input and output (geometric condition);
+* ``tail`` — P[cos distance > eps] over tokens (proximal condition);
+* ``rel_update`` — ‖h_out − h_in‖ / ‖h_in‖;
+* ``lens_kl`` (text tokens) — KL(p(·|h_out) ‖ p(·|h_in)) read through the final norm and LM head
+  (the "logit lens"; informational condition), on a fixed subsample of text positions.
+
+The same pass can compare the model's output with reference log-probabilities (the original model's),
+giving the end-to-end KL(original ‖ current) and top-1 agreement used for verification.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from skipit.compressor.stats import Estimate, bootstrap_ratio, rank01
+
+log = logging.getLogger(__name__)
+
+MODALITIES = ("text", "vision")
+METRICS = ("cos_dist", "tail", "rel_update")
+#: Scores where smaller means "more redundant", combined by average rank.
+SCORE_NAMES = ("geometric", "proximal", "informational")
+
+
+@dataclass(frozen=True)
+class AnalyzeConfig:
+    """Knobs of the hooked pass.
+
+    Attributes:
+        eps: cosine-distance threshold of the proximal (tail) condition.
+        lens_tokens: text positions per sample read through the logit lens (the LM head is costly).
+        confidence: two-sided confidence of the reported intervals.
+        n_boot: bootstrap resamples.
+    """
+
+    eps: float = 0.1
+    lens_tokens: int = 16
+    confidence: float = 0.95
+    n_boot: int = 1000
+
+
+@dataclass
+class LayerStats:
+    """Scores of one layer (original numbering). ``metrics[modality][metric]`` is an Estimate."""
+
+    index: int
+    metrics: dict[str, dict[str, Estimate]]
+
+    def score(self, name: str) -> float:
+        """The scalar behind a named condition (text tokens); NaN where it was not measured."""
+        text = self.metrics.get("text", {})
+        key = {"geometric": "cos_dist", "proximal": "tail", "informational": "lens_kl"}[name]
+        est = text.get(key)
+        return est.mean if est is not None else float("nan")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"index": self.index, **{m: {k: e.as_dict() for k, e in v.items()} for m, v in self.metrics.items()}}
+
+
+@dataclass
+class Divergence:
+    """End-to-end change of the output against a reference, with one-sided bounds.
+
+    ``kl.hi`` is the upper confidence bound of mean KL(reference ‖ current) in nats per token;
+    ``top1.lo`` the lower bound of top-1 agreement.
+    """
+
+    kl: Estimate
+    top1: Estimate
+    nll: Estimate
+    per_sample_kl: list[float] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kl": self.kl.as_dict(), "top1": self.top1.as_dict(), "nll": self.nll.as_dict()}
+
+
+@dataclass
+class PassResult:
+    """What one pass over a split produced."""
+
+    layers: list[LayerStats]
+    divergence: Divergence | None
+    reference: list[Any] | None
+    tokens: dict[str, int]
+
+    def combined(self, candidates: Sequence[int] | None = None, vision: bool = False) -> dict[int, float]:
+        """Average rank of the condition scores over ``candidates`` (lower = more redundant)."""
+        layers = [ls for ls in self.layers if candidates is None or ls.index in candidates]
+        if not layers:
+            return {}
+        columns = [np.array([ls.score(n) for ls in layers]) for n in SCORE_NAMES]
+        if vision:
+            columns.append(np.array([ls.metrics["vision"]["cos_dist"].mean for ls in layers]))
+        ranks = [rank01(np.nan_to_num(c, nan=np.inf)) for c in columns if not np.all(np.isnan(c))]
+        combined = np.mean(ranks, axis=0)
+        return {ls.index: float(c) for ls, c in zip(layers, combined)}
+
+
+class _Accumulator:
+    """Per-sample sums for every layer × modality × metric."""
+
+    def __init__(self, n_samples: int, n_layers: int) -> None:
+        shape = (n_samples, n_layers)
+        self.sums = {(m, k): np.zeros(shape) for m in MODALITIES for k in METRICS}
+        self.counts = {m: np.zeros(n_samples) for m in MODALITIES}
+        self.lens_sum = np.zeros(shape)
+        self.lens_count = np.zeros(n_samples)
+
+
+def _lens_logprobs(spec: Any, h: Any) -> Any:
+    import torch
+
+    logits = spec.lm_head(spec.norm(h)).float()
+    cap = spec.logit_softcap
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return torch.log_softmax(logits, dim=-1)
+
+
+def _lens_positions(text_mask: Any, per_sample: int) -> tuple[Any, Any]:
+    """Evenly spaced text positions per row (deterministic)."""
+    import torch
+
+    rows, cols = [], []
+    for r in range(text_mask.shape[0]):
+        pos = text_mask[r].nonzero().flatten()
+        if len(pos) > per_sample:
+            pos = pos[torch.linspace(0, len(pos) - 1, per_sample).round().long()]
+        rows.append(torch.full_like(pos, r))
+        cols.append(pos)
+    return torch.cat(rows), torch.cat(cols)
+
+
+def _kl(logp: Any, logq: Any) -> Any:
+    """KL(p ‖ q) per row, from log-probabilities."""
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def run_pass(
+    model: Any,
+    spec: Any,
+    batches: Sequence[Any],
+    *,
+    config: AnalyzeConfig = AnalyzeConfig(),
+    reference: list[Any] | None = None,
+    keep_reference: bool = False,
+    layer_scores: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+) -> PassResult:
+    """One forward pass over ``batches`` with per-layer hooks.
+
+    Args:
+        reference: per-batch reference log-probs at text positions (from a previous pass with
+            ``keep_reference=True``); when given, the end-to-end divergence is measured against it.
+        keep_reference: return this pass's log-probs at text positions (fp16) as a new reference.
+        layer_scores: compute per-layer statistics (hooks); off for a pure verification pass.
+        on_batch: progress callback, called with the number of samples done in each batch.
+    """
+    import torch
+
+    n_samples = sum(b.size for b in batches)
+    n_layers = spec.num_layers
+    acc = _Accumulator(n_samples, n_layers)
+    state: dict[str, Any] = {}
+    handles = []
+    kept_reference: list[Any] = []
+    div_rows: list[tuple[np.ndarray, ...]] = []
+    tokens = {"text": 0, "vision": 0, "lens": 0}
+
+    def pre_hook(module: Any, args: tuple, kwargs: dict) -> None:
+        state["h_in"] = args[0] if args else kwargs["hidden_states"]
+
+    def make_post_hook(pos: int) -> Callable:
+        def post_hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+            h_out = output[0] if isinstance(output, tuple) else output
+            _layer_stats(pos, state["h_in"].float(), h_out.float())
+        return post_hook
+
+    def _layer_stats(pos: int, h_in: Any, h_out: Any) -> None:
+        dist = 1 - torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1)  # [b, s]
+        rel = (h_out - h_in).norm(dim=-1) / h_in.norm(dim=-1).clamp_min(1e-12)
+        rows = state["rows"]
+        for modality, mask in (("text", state["text"]), ("vision", state["vision"])):
+            m = mask.float()
+            for key, value in (("cos_dist", dist), ("tail", (dist > config.eps).float()), ("rel_update", rel)):
+                acc.sums[(modality, key)][rows, pos] += (value * m).sum(-1).cpu().numpy()
+        lr, lc = state["lens_idx"]
+        if len(lr):
+            if pos == 0:
+                state["lens_prev"] = _lens_logprobs(spec, h_in[lr, lc])
+            cur = _lens_logprobs(spec, h_out[lr, lc])
+            kl = _kl(cur, state["lens_prev"])
+            np.add.at(acc.lens_sum[:, pos], rows[lr.cpu().numpy()], kl.cpu().numpy())
+            state["lens_prev"] = cur
+
+    if layer_scores:
+        for pos, layer in enumerate(spec.layers):
+            handles.append(layer.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            handles.append(layer.register_forward_hook(make_post_hook(pos), with_kwargs=True))
+    start = 0
+    try:
+        with torch.inference_mode():
+            for b_idx, batch in enumerate(batches):
+                rows = np.arange(start, start + batch.size)
+                start += batch.size
+                state.update(rows=rows, text=batch.text_mask, vision=batch.vision_mask)
+                state["lens_idx"] = _lens_positions(batch.text_mask, config.lens_tokens) if layer_scores else ([], [])
+                for modality, mask in (("text", batch.text_mask), ("vision", batch.vision_mask)):
+                    acc.counts[modality][rows] += mask.sum(-1).cpu().numpy()
+                np.add.at(acc.lens_count, rows[state["lens_idx"][0].cpu().numpy()] if layer_scores else [], 1)
+                logits = model(**batch.inputs, use_cache=False).logits
+                logp = torch.log_softmax(logits.float()[batch.text_mask], dim=-1)  # [n_text, vocab]
+                if keep_reference:
+                    kept_reference.append(logp.half())
+                if reference is not None:
+                    div_rows.append(_divergence_rows(batch, logp, reference[b_idx].float(), rows))
+                tokens["text"] += int(batch.text_mask.sum())
+                tokens["vision"] += int(batch.vision_mask.sum())
+                tokens["lens"] += len(state["lens_idx"][0])
+                if on_batch:
+                    on_batch(batch.size)
+    finally:
+        for h in handles:
+            h.remove()
+    layers = _finish_layers(acc, spec, config) if layer_scores else []
+    divergence = _finish_divergence(div_rows, n_samples, config) if reference is not None else None
+    return PassResult(layers, divergence, kept_reference if keep_reference else None, tokens)
+
+
+def _divergence_rows(batch: Any, logp: Any, ref: Any, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per-token KL / top-1 agreement / next-token NLL, as (row ids, kl, agree, nll, nll_mask)."""
+    import torch
+
+    text = batch.text_mask
+    row_of = torch.arange(text.shape[0]).unsqueeze(1).expand_as(text)[text].numpy()
+    kl = _kl(ref, logp).clamp_min(0)
+    agree = (ref.argmax(-1) == logp.argmax(-1)).float()
+    # next-token NLL where the next position is a text token of the same row
+    ids = batch.inputs["input_ids"]
+    nxt = torch.zeros_like(text)
+    nxt[:, :-1] = text[:, 1:]
+    has_next = nxt[text]
+    target = torch.roll(ids, -1, dims=1)[text]
+    nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    return rows[row_of], kl.numpy(), agree.numpy(), (nll * has_next).numpy(), has_next.float().numpy()
+
+
+def _finish_divergence(div_rows: list, n_samples: int, config: AnalyzeConfig) -> Divergence:
+    sums = np.zeros((n_samples, 3))
+    counts = np.zeros(n_samples)
+    nll_counts = np.zeros(n_samples)
+    for rows, kl, agree, nll, has_next in div_rows:
+        np.add.at(sums, rows, np.stack([kl, agree, nll], axis=1))
+        np.add.at(counts, rows, 1)
+        np.add.at(nll_counts, rows, has_next)
+    kw = {"confidence": config.confidence, "n_boot": config.n_boot, "one_sided": True}
+    kl, top1 = bootstrap_ratio(sums[:, :2], counts, **kw)
+    (nll,) = bootstrap_ratio(sums[:, 2], nll_counts, **kw)
+    per_sample = np.divide(sums[:, 0], counts, out=np.zeros(n_samples), where=counts > 0)
+    return Divergence(kl, top1, nll, per_sample.tolist())
+
+
+def _finish_layers(acc: _Accumulator, spec: Any, config: AnalyzeConfig) -> list[LayerStats]:
+    kw = {"confidence": config.confidence, "n_boot": config.n_boot}
+    per_metric: dict[tuple[str, str], list[Estimate]] = {}
+    for modality in MODALITIES:
+        if acc.counts[modality].sum() == 0:
+            continue
+        for key in METRICS:
+            per_metric[(modality, key)] = bootstrap_ratio(acc.sums[(modality, key)], acc.counts[modality], **kw)
+    if acc.lens_count.sum() > 0:
+        per_metric[("text", "lens_kl")] = bootstrap_ratio(acc.lens_sum, acc.lens_count, **kw)
+    layers = []
+    for pos, original in enumerate(spec.original_indices):
+        metrics: dict[str, dict[str, Estimate]] = {}
+        for (modality, key), estimates in per_metric.items():
+            metrics.setdefault(modality, {})[key] = estimates[pos]
+        layers.append(LayerStats(original, metrics))
+    return layers
+
+
+def analyze(model: Any, spec: Any, batches: Sequence[Any], config: AnalyzeConfig = AnalyzeConfig(), **kw: Any) -> list[LayerStats]:
+    """Score every decoder layer on ``batches`` (one pass); see the module docstring."""
+    return run_pass(model, spec, batches, config=config, **kw).layers

@@ -1,0 +1,225 @@
+"""Choose layers to remove and certify the choice by actually removing them.
+
+Selection works on the ``calibration`` split: one hooked pass with the current set removed both
+measures the end-to-end KL(original ‖ slim) of that set and re-scores the remaining layers *in the
+context of the removal* (layers interact, so one-shot rankings go wrong after the first removal).
+The next candidate is the best-ranked layer under the fresh scores; it is kept if the upper confidence
+bound of the KL stays within the policy. One pass per accepted layer, plus the rejected tries.
+
+Certification works on the ``holdout`` split, which played no part in the choice: the chosen set is
+removed and the one-sided upper confidence bound of the mean KL must stay within ``max_kl``. If it does
+not, the last-added layer is dropped and the smaller set is verified again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+from skipit.compressor.analyze import AnalyzeConfig, Divergence, PassResult, run_pass
+from skipit.errors import InvalidOptionError, NothingToRemoveError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CertifyPolicy:
+    """What a certificate must guarantee, and how hard to search.
+
+    Attributes:
+        max_kl: bound on mean KL(original ‖ slim) in nats per text token, held with ``confidence``
+            (one-sided bootstrap upper bound over held-out samples). None: no KL bound (then
+            ``max_layers`` must be set and the certificate states the bound it measured).
+        max_layers: remove at most this many layers.
+        min_top1: optional lower bound on top-1 agreement with the original model.
+        protect: layers never removed (negative indices count from the end).
+        confidence: one-sided confidence of the bounds.
+        max_rejections: candidate layers that may fail the bound before the search stops.
+        probe_width: candidates verified per step (1 = cheapest; more = closer to greedy search).
+    """
+
+    max_kl: float | None = 0.05
+    max_layers: int | None = None
+    min_top1: float | None = None
+    protect: tuple[int, ...] = (0, -1)
+    confidence: float = 0.95
+    max_rejections: int = 2
+    probe_width: int = 1
+
+    def __post_init__(self) -> None:
+        if self.max_kl is None and self.max_layers is None:
+            raise InvalidOptionError("give a KL bound (--max-kl) or a layer budget (--max-layers), or both")
+        if self.max_kl is not None and self.max_kl <= 0:
+            raise InvalidOptionError(f"--max-kl must be > 0 nats, got {self.max_kl}")
+        if self.max_layers is not None and self.max_layers < 1:
+            raise InvalidOptionError(f"--max-layers must be ≥ 1, got {self.max_layers}")
+        if not 0.5 <= self.confidence < 1:
+            raise InvalidOptionError(f"confidence must be in [0.5, 1), got {self.confidence}")
+        if self.probe_width < 1:
+            raise InvalidOptionError("probe_width must be ≥ 1")
+
+    def protected(self, n_layers: int) -> set[int]:
+        """Protected layer indices, resolved for a model with ``n_layers`` layers."""
+        out = set()
+        for i in self.protect:
+            j = i + n_layers if i < 0 else i
+            if not 0 <= j < n_layers:
+                raise InvalidOptionError(f"--protect {i} is out of range for {n_layers} layers")
+            out.add(j)
+        return out
+
+    def check_budget(self, n_layers: int) -> None:
+        """Refuse a layer budget the model cannot satisfy."""
+        if self.max_layers is not None and self.max_layers >= n_layers:
+            raise InvalidOptionError(
+                f"--max-layers {self.max_layers} must be smaller than the model's {n_layers} decoder layers"
+            )
+
+    def admits(self, div: Divergence) -> bool:
+        """Whether a measured divergence satisfies the bounds (upper KL bound, lower top-1 bound)."""
+        ok = self.max_kl is None or div.kl.hi <= self.max_kl
+        return ok and (self.min_top1 is None or div.top1.lo >= self.min_top1)
+
+
+@dataclass
+class Step:
+    """One verified try during selection (calibration split)."""
+
+    layers: list[int]
+    candidate: int
+    accepted: bool
+    kl: float
+    kl_hi: float
+    top1: float
+    rank_score: float
+
+
+@dataclass
+class Certificate:
+    """The outcome: which layers go, and the evidence that the bound holds on held-out data."""
+
+    layers: list[int]
+    order: list[int]
+    n_layers: int
+    policy: dict[str, Any]
+    holdout: dict[str, Any]
+    calibration: dict[str, Any]
+    passes: dict[str, int]
+    steps: list[Step] = field(default_factory=list)
+    initial_scores: list[dict[str, Any]] = field(default_factory=list)
+    combined_scores: dict[int, float] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def kl_bound(self) -> float:
+        """The certified upper bound on mean KL (nats/token) on the held-out split."""
+        return float(self.holdout["kl"]["hi"])
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["statement"] = self.statement()
+        return out
+
+    def statement(self) -> str:
+        """One sentence a user can read."""
+        h = self.holdout
+        return (
+            f"Removing layers {self.layers} of {self.n_layers}: mean KL(original‖slim) = {h['kl']['mean']:.4f} nats/token, "
+            f"≤ {h['kl']['hi']:.4f} with {self.policy['confidence']:.0%} confidence (one-sided bootstrap over "
+            f"{h['kl']['n']} held-out samples, {h['tokens']} tokens); top-1 agreement {h['top1']['mean']:.3f} "
+            f"(≥ {h['top1']['lo']:.3f}). Holds for data like the held-out split it was measured on."
+        )
+
+
+def certify(
+    model: Any,
+    spec: Any,
+    calibration: Sequence[Any],
+    holdout: Sequence[Any],
+    policy: CertifyPolicy = CertifyPolicy(),
+    config: AnalyzeConfig = AnalyzeConfig(),
+    on_event: Callable[[str, dict[str, Any]], None] | None = None,
+) -> Certificate:
+    """Choose and verify a set of layers to remove (see the module docstring).
+
+    ``calibration`` and ``holdout`` are encoded batches. ``on_event(kind, info)`` reports progress
+    (kinds: ``pass_start``, ``batch``, ``step``, ``verify``). Raises :class:`NothingToRemoveError`
+    when no layer can be removed within the bound.
+    """
+    t0 = time.perf_counter()
+    emit = on_event or (lambda kind, info: None)
+    n = spec.num_layers
+    policy.check_budget(n)
+    protected = policy.protected(n)
+    budget = min(policy.max_layers or n, n - len(protected) - 1)
+    cfg = AnalyzeConfig(config.eps, config.lens_tokens, policy.confidence, config.n_boot)
+    passes = {"calibration": 0, "holdout": 0}
+
+    def do_pass(split: str, batches: Sequence[Any], removed: list[int], **kw: Any) -> PassResult:
+        passes[split] += 1
+        emit("pass_start", {"split": split, "removed": list(removed), "samples": sum(b.size for b in batches)})
+        with spec.skipping(removed):
+            return run_pass(model, spec, batches, config=cfg, on_batch=lambda k: emit("batch", {"n": k}), **kw)
+
+    base = do_pass("calibration", calibration, [], keep_reference=True)
+    reference = base.reference
+    vision = spec.is_vlm and base.tokens["vision"] > 0
+    current, chosen, steps, rejected = base, [], [], set()
+    current_div: Divergence | None = None
+    while len(chosen) < budget and len(rejected) <= policy.max_rejections:
+        candidates = [i for i in range(n) if i not in protected and i not in chosen and i not in rejected]
+        ranking = current.combined(candidates, vision=vision)
+        if not ranking:
+            break
+        tries = sorted(ranking, key=ranking.get)[: policy.probe_width]
+        trials = {c: do_pass("calibration", calibration, chosen + [c], reference=reference) for c in tries}
+        best = min(trials, key=lambda c: (trials[c].divergence.kl.hi, ranking[c]))
+        result = trials[best]
+        div = result.divergence
+        accepted = policy.admits(div)
+        steps.append(Step(sorted(chosen + [best]), best, accepted, div.kl.mean, div.kl.hi, div.top1.mean, ranking[best]))
+        emit("step", asdict(steps[-1]))
+        if accepted:
+            chosen.append(best)
+            current, current_div = result, div
+        else:
+            rejected.update(tries)
+    if not chosen:
+        raise NothingToRemoveError(_nothing_message(policy, steps))
+
+    hold_ref = do_pass("holdout", holdout, [], keep_reference=True, layer_scores=False).reference
+    while chosen:
+        verdict = do_pass("holdout", holdout, chosen, reference=hold_ref, layer_scores=False)
+        div = verdict.divergence
+        emit("verify", {"layers": sorted(chosen), "kl": div.kl.mean, "kl_hi": div.kl.hi, "top1": div.top1.mean})
+        if policy.max_kl is None and policy.min_top1 is None or policy.admits(div):
+            break
+        log.info("held-out bound failed for %s (KL ≤ %.4f); dropping layer %d", sorted(chosen), div.kl.hi, chosen[-1])
+        chosen.pop()
+    if not chosen:
+        raise NothingToRemoveError(_nothing_message(policy, steps, holdout_failed=True))
+    return Certificate(
+        layers=sorted(chosen),
+        order=list(chosen),
+        n_layers=n,
+        policy={**asdict(policy), "protect_resolved": sorted(protected), "eps": cfg.eps},
+        holdout={**div.as_dict(), "tokens": verdict.tokens["text"], "split": "holdout"},
+        calibration=current_div.as_dict() if current_div else {},
+        passes={**passes, "total": passes["calibration"] + passes["holdout"]},
+        steps=steps,
+        initial_scores=[ls.as_dict() for ls in base.layers],
+        combined_scores=base.combined(vision=vision),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _nothing_message(policy: CertifyPolicy, steps: list[Step], holdout_failed: bool = False) -> str:
+    tried = ", ".join(f"layer {s.candidate}: KL ≤ {s.kl_hi:.3f}" for s in steps) or "none"
+    where = "on the held-out split" if holdout_failed else "on the calibration split"
+    return (
+        f"no layer can be removed within --max-kl {policy.max_kl} {where} (tried {tried}). "
+        "Nothing was written. Loosen the bound, or give a layer budget with --max-layers to see the cost."
+    )

@@ -1,0 +1,234 @@
+"""Load a model directory (safetensors, sharded too) or a GGUF file, with its tokenizer/processor.
+
+Safety defaults: no remote code and no pickle (``.bin``) weights unless asked for. Weight files are
+checked before transformers touches them, so a truncated download gets a clear error naming the file.
+The input is only ever read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from skipit.errors import ModelLoadError, UnsupportedArchitectureError
+
+log = logging.getLogger(__name__)
+
+#: Files carried over from the input directory into the slim checkpoint (tokenizer, processor, templates).
+PROCESSOR_FILE_PATTERNS = (
+    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt", "*.tiktoken",
+    "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+    "chat_template*", "spiece.model", "sentencepiece*.model",
+)
+_DTYPES = ("float32", "float16", "bfloat16", "auto")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load a model. ``dtype`` is one of float32/float16/bfloat16/auto."""
+
+    dtype: str = "float32"
+    device: str = "cpu"
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ModelLoadError(f"--dtype {self.dtype!r} is not one of {', '.join(_DTYPES)}")
+
+
+@dataclass
+class LoadedModel:
+    """A loaded model plus what came with it.
+
+    Attributes:
+        model: the transformers model, in eval mode.
+        processor: a tokenizer (text models) or a processor (VLMs).
+        source: the path the user gave.
+        model_dir: directory holding config/tokenizer files (the GGUF's folder for GGUF input).
+        gguf_file: the GGUF file name when loaded from GGUF.
+        processor_note: how the processor was obtained, when it needed a workaround.
+    """
+
+    model: Any
+    processor: Any
+    source: Path
+    model_dir: Path
+    gguf_file: str | None = None
+    processor_note: str | None = None
+
+    @property
+    def tokenizer(self) -> Any:
+        return getattr(self.processor, "tokenizer", self.processor)
+
+
+def check_safetensors(path: Path) -> None:
+    """Raise :class:`ModelLoadError` if ``path`` is not a complete safetensors file."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as fh:
+            (header_len,) = struct.unpack("<Q", fh.read(8))
+            if header_len <= 0 or 8 + header_len > size:
+                raise ValueError(f"header length {header_len} exceeds file size {size}")
+            header = json.loads(fh.read(header_len))
+    except (struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(
+            f"{path} is not a valid safetensors file ({exc}); the file is corrupt or truncated — download it again"
+        ) from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end > size:
+        raise ModelLoadError(
+            f"{path} is truncated: its header promises {8 + header_len + end} bytes but the file has {size}; download it again"
+        )
+
+
+def _check_weights(model_dir: Path, options: LoadOptions) -> None:
+    safetensors = sorted(model_dir.glob("*.safetensors"))
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError) as exc:
+            raise ModelLoadError(f"{index} is not a valid shard index ({exc})") from None
+        missing = sorted(s for s in shards if not (model_dir / s).exists())
+        if missing:
+            raise ModelLoadError(f"{model_dir} is missing weight shards listed in {index.name}: {', '.join(missing)}")
+    for path in safetensors:
+        check_safetensors(path)
+    if safetensors:
+        return
+    pickles = sorted(model_dir.glob("*.bin")) + sorted(model_dir.glob("*.pt"))
+    if pickles and not options.allow_pickle:
+        raise ModelLoadError(
+            f"{model_dir} has only pickle weights ({pickles[0].name}); loading pickles can run arbitrary code. "
+            "Pass --allow-pickle if you trust this checkpoint, or convert it to safetensors"
+        )
+    if not pickles:
+        raise ModelLoadError(f"{model_dir} has a config.json but no weights (*.safetensors); is the download complete?")
+
+
+def _read_config(model_dir: Path, options: LoadOptions) -> dict[str, Any]:
+    path = model_dir / "config.json"
+    if not path.exists():
+        ggufs = sorted(model_dir.glob("*.gguf"))
+        hint = f" It holds GGUF files; pass one of them: {ggufs[0]}" if ggufs else ""
+        raise ModelLoadError(f"{model_dir} is not a model directory: it has no config.json.{hint}")
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ModelLoadError(f"{path} is not valid JSON ({exc})") from None
+    if config.get("auto_map") and not options.trust_remote_code:
+        raise ModelLoadError(
+            f"{model_dir} asks for custom code (auto_map in config.json); skipit does not run remote code "
+            "unless you pass --trust-remote-code after reading that code"
+        )
+    return config
+
+
+def _model_class(architecture: str | None, options: LoadOptions) -> Any:
+    import transformers
+
+    from skipit.compressor.arch import supported_architectures
+
+    cls = getattr(transformers, architecture, None) if architecture else None
+    if cls is None:
+        if options.trust_remote_code:
+            return transformers.AutoModelForCausalLM
+        raise UnsupportedArchitectureError(
+            f"config.json names architecture {architecture!r}, which transformers "
+            f"{transformers.__version__} does not provide. Supported: {', '.join(supported_architectures())}"
+        )
+    return cls
+
+
+def _dtype(options: LoadOptions) -> Any:
+    import torch
+
+    return "auto" if options.dtype == "auto" else getattr(torch, options.dtype)
+
+
+def load_processor(model_dir: Path, is_vlm: bool, options: LoadOptions, gguf_file: str | None = None) -> tuple[Any, str | None]:
+    """Load the tokenizer (text) or processor (VLM) saved beside a model; return it and a note.
+
+    Qwen2-VL/2.5-VL processors need torchvision for their video processor in transformers 5.x; when
+    it is missing the processor is assembled from the (PIL) image processor and the tokenizer.
+    """
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    kw = {"trust_remote_code": options.trust_remote_code}
+    if gguf_file:
+        return AutoTokenizer.from_pretrained(model_dir, gguf_file=gguf_file), None
+    if not is_vlm:
+        try:
+            return AutoTokenizer.from_pretrained(model_dir, **kw), None
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{model_dir} has no usable tokenizer ({exc}); copy the tokenizer files next to config.json") from None
+    try:
+        return AutoProcessor.from_pretrained(model_dir, **kw), None
+    except (ImportError, OSError, ValueError) as exc:
+        first_error = exc
+    try:
+        import transformers
+
+        image_processor = AutoImageProcessor.from_pretrained(model_dir, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, **kw)
+        cls_name = json.loads((model_dir / "processor_config.json").read_text()).get("processor_class") if (
+            model_dir / "processor_config.json").exists() else None
+        cls_name = cls_name or json.loads((model_dir / "preprocessor_config.json").read_text()).get("processor_class")
+        processor_cls = getattr(transformers, cls_name)
+        extra = {"video_processor": None} if "video_processor" in processor_cls.get_attributes() else {}
+        processor = processor_cls(image_processor=image_processor, tokenizer=tokenizer, **extra)
+    except Exception as exc:  # noqa: BLE001 - report both failures to the user
+        raise ModelLoadError(f"cannot load the processor of {model_dir}: {first_error}; fallback failed too: {exc}") from None
+    note = f"AutoProcessor failed ({str(first_error).splitlines()[0]}); built {type(processor).__name__} from image processor + tokenizer, without video support"
+    log.warning(note)
+    return processor, note
+
+
+def load_model(path: str | Path, options: LoadOptions = LoadOptions()) -> LoadedModel:
+    """Load a model directory or ``.gguf`` file read-only, with its tokenizer or processor."""
+    import torch
+    import transformers
+
+    from skipit.compressor.arch import REGISTRY
+
+    source = Path(path)
+    if not source.exists():
+        raise ModelLoadError(f"{source} does not exist; give a model directory (config.json + *.safetensors) or a .gguf file")
+    gguf_file = None
+    if source.is_file():
+        if source.suffix != ".gguf":
+            raise ModelLoadError(f"{source} is a file but not a .gguf; give a model directory or a .gguf file")
+        model_dir, gguf_file = source.parent, source.name
+        cls = transformers.AutoModelForCausalLM
+        is_vlm = False
+    else:
+        model_dir = source
+        config = _read_config(model_dir, options)
+        _check_weights(model_dir, options)
+        arch = (config.get("architectures") or [None])[0]
+        cls = _model_class(arch, options)
+        is_vlm = REGISTRY[arch].is_vlm if arch in REGISTRY else "vision_config" in config
+    kwargs: dict[str, Any] = {"dtype": _dtype(options), "trust_remote_code": options.trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    if not options.allow_pickle:
+        kwargs["use_safetensors"] = None if gguf_file else True
+    log.info("loading %s with %s", source, getattr(cls, "__name__", cls))
+    try:
+        model = cls.from_pretrained(model_dir, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelLoadError(f"transformers could not load {source}: {str(exc).splitlines()[0]}") from None
+    if gguf_file:
+        # A dequantized GGUF model still carries the GGUF quantizer; save_pretrained refuses it (5.x).
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.to(_dtype(options) if options.dtype != "auto" else torch.float32)
+    model.to(options.device).eval()
+    processor, note = load_processor(model_dir, is_vlm, options, gguf_file)
+    return LoadedModel(model, processor, source, model_dir, gguf_file, note)

@@ -1,0 +1,133 @@
+"""Remove layers for good, save a plain Hugging Face checkpoint, and prove it reloads.
+
+A removal that only edits the ModuleList works in memory and silently breaks after save + reload (the
+old layer count comes back with random weights), so the spec updates config and layer indices as one
+operation, and :func:`verify_reload` reloads the saved checkpoint in a fresh process (no skipit import)
+and compares its logits with the in-memory slim model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from skipit.errors import RewriteError
+
+log = logging.getLogger(__name__)
+
+_CONFIG_KEYS = ("num_hidden_layers", "layer_types", "max_window_layers")
+
+
+def _config_view(spec: Any) -> dict[str, Any]:
+    return {k: getattr(spec.text_config, k) for k in _CONFIG_KEYS if k in spec.text_config.__dict__}
+
+
+def remove_layers_(model: Any, spec: Any, layers: Sequence[int]) -> dict[str, Any]:
+    """Remove ``layers`` (original numbering) from ``model`` in place; return the config diff."""
+    before = _config_view(spec)
+    removed = set(layers)
+    unknown = removed - set(spec.original_indices)
+    if unknown:
+        raise RewriteError(f"layers {sorted(unknown)} are not in the model (it has {spec.original_indices})")
+    spec.keep_layers_([p for p, o in enumerate(spec.original_indices) if o not in removed])
+    after = _config_view(spec)
+    check_in_memory(model, spec)
+    return {k: {"before": before[k], "after": after.get(k)} for k in before if before[k] != after.get(k)}
+
+
+def check_in_memory(model: Any, spec: Any) -> None:
+    """Check that the layer list, config and layer indices agree, and that a cached forward runs."""
+    import torch
+
+    n = spec.num_layers
+    cfg = spec.text_config
+    if cfg.num_hidden_layers != n:
+        raise RewriteError(f"config says {cfg.num_hidden_layers} layers but the model holds {n}")
+    for key in spec.arch.per_layer_lists:
+        value = getattr(cfg, key, None)
+        if isinstance(value, (list, tuple)) and len(value) != n:
+            raise RewriteError(f"config.{key} has {len(value)} entries for {n} layers (stale per-layer list)")
+    for pos, layer in enumerate(spec.layers):
+        for module in layer.modules():
+            idx = getattr(module, "layer_idx", None)
+            if isinstance(idx, int) and idx != pos:
+                raise RewriteError(f"layer at position {pos} still has layer_idx={idx}; the KV cache would index the wrong layer")
+    ids = torch.tensor([[1, 2, 3]], device=model.device)
+    try:
+        with torch.inference_mode():  # generate() exercises the KV cache, which indexes by layer_idx
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, min_new_tokens=2,
+                           do_sample=False, use_cache=True, pad_token_id=0)
+    except (IndexError, RuntimeError, ValueError) as exc:
+        raise RewriteError(f"a cached forward of the slim model fails: {exc}") from None
+
+
+def save_checkpoint(model: Any, processor: Any, source_dir: Path | None, out_dir: Path) -> None:
+    """Save ``model`` as safetensors plus tokenizer/processor files into ``out_dir``.
+
+    Files from the source directory are copied verbatim where possible (they are the user's own);
+    otherwise (GGUF input) the processor is saved, with a tokenizer class every client reads.
+    """
+    from skipit.compressor.loading import PROCESSOR_FILE_PATTERNS
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    copied = []
+    if source_dir is not None:
+        for pattern in PROCESSOR_FILE_PATTERNS:
+            for path in source_dir.glob(pattern):
+                if path.is_file():
+                    shutil.copy2(path, out_dir / path.name)
+                    copied.append(path.name)
+    if not copied:
+        processor.save_pretrained(out_dir)
+        _portable_tokenizer_class(out_dir)
+
+
+def _portable_tokenizer_class(out_dir: Path) -> None:
+    # transformers 5.x writes "TokenizersBackend", which 4.x (and optimum) refuse;
+    # "PreTrainedTokenizerFast" loads in 4.57, 5.x, transformers.js and onnxruntime-genai alike.
+    path = out_dir / "tokenizer_config.json"
+    if path.exists():
+        cfg = json.loads(path.read_text())
+        if cfg.get("tokenizer_class") == "TokenizersBackend":
+            cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+            path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+
+
+def verify_reload(model_dir: Path, model: Any, spec: Any, inputs: dict[str, Any], *, atol: float = 1e-4) -> dict[str, Any]:
+    """Reload ``model_dir`` in a fresh process and compare its logits with ``model``'s on ``inputs``."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    script = Path(__file__).with_name("reload_check.py")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    with tempfile.TemporaryDirectory(prefix="skipit-reload-") as tmp:
+        in_path, out_path = Path(tmp) / "inputs.safetensors", Path(tmp) / "out.safetensors"
+        save_file(tensors, str(in_path))
+        proc = subprocess.run(
+            [sys.executable, str(script), str(model_dir), str(in_path), str(out_path)],
+            capture_output=True, text=True, check=False,
+        )
+        if proc.returncode != 0:
+            tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
+            raise RewriteError(f"the saved checkpoint {model_dir} does not reload in a fresh process: {tail[0]}")
+        result = load_file(str(out_path))
+    facts = json.loads(proc.stdout.strip().splitlines()[-1])
+    with torch.inference_mode():
+        expected = model(**{k: v.to(model.device) for k, v in tensors.items()}, use_cache=False).logits.float().cpu()
+    err = float((result["logits"].float() - expected).abs().max())
+    facts["max_abs_logit_error"] = err
+    layer_types = facts["layer_types"]
+    if facts["num_hidden_layers"] != spec.num_layers or (layer_types is not None and len(layer_types) != spec.num_layers):
+        raise RewriteError(f"the reloaded config disagrees with the slim model's {spec.num_layers} layers: {facts}")
+    if err > atol:
+        raise RewriteError(f"the reloaded checkpoint's logits differ from the slim model's by {err:.3g} (> {atol}); the rewrite is broken")
+    if facts["tie_word_embeddings"] and not facts["tied"]:
+        raise RewriteError("tie_word_embeddings is set but the reloaded LM head is not tied to the embeddings")
+    return facts

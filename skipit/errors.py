@@ -1,0 +1,43 @@
+"""Errors raised by skipit. Every message says what failed, why, and what to do about it."""
+
+from __future__ import annotations
+
+
+class SkipitError(Exception):
+    """Base class of every error skipit raises on purpose. ``exit_code`` is used by the CLI."""
+
+    exit_code = 2
+
+
+class ModelLoadError(SkipitError):
+    """The model directory or file cannot be loaded (missing, not a model, corrupt, unsafe)."""
+
+
+class UnsupportedArchitectureError(SkipitError):
+    """No architecture spec matches the model and the probe could not find its decoder layers."""
+
+
+class CalibrationDataError(SkipitError):
+    """The calibration / evaluation data file is malformed or points at missing files."""
+
+
+class OutputExistsError(SkipitError):
+    """The output directory exists and ``--overwrite`` was not given."""
+
+
+class InvalidOptionError(SkipitError):
+    """A command-line option or policy value is out of range."""
+
+
+class NothingToRemoveError(SkipitError):
+    """No layer could be removed within the stated bound. Not a crash: a distinct outcome."""
+
+    exit_code = 3
+
+
+class RewriteError(SkipitError):
+    """The slim checkpoint failed its reload check (e.g. stale per-layer config)."""
+
+
+class ExportError(SkipitError):
+    """An export (ONNX / TensorRT) failed or its output does not match the model."""

@@ -1,0 +1,153 @@
+"""The whole job in a few readable lines: load → analyze/certify → rewrite → save, atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from skipit.compressor.analyze import AnalyzeConfig, run_pass
+from skipit.compressor.arch import decoder_spec
+from skipit.compressor.calibration import encode, load_calibration
+from skipit.compressor.certify import Certificate, CertifyPolicy, certify
+from skipit.compressor.loading import LoadedModel, LoadOptions, load_model
+from skipit.compressor.manifest import build_manifest, model_card, write_manifest
+from skipit.compressor.rewrite import remove_layers_, save_checkpoint, verify_reload
+from skipit.errors import InvalidOptionError, OutputExistsError
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Which calibration data, and how it is encoded."""
+
+    path: Path | None = None
+    limit: int | None = None
+    batch_size: int = 8
+    max_length: int = 128
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CompressOptions:
+    """Everything ``skipit-compress`` can be told, grouped by stage."""
+
+    load: LoadOptions = field(default_factory=LoadOptions)
+    data: DataOptions = field(default_factory=DataOptions)
+    policy: CertifyPolicy = field(default_factory=CertifyPolicy)
+    analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
+    overwrite: bool = False
+
+
+@dataclass
+class CompressResult:
+    out_dir: Path
+    certificate: Certificate
+    manifest: dict[str, Any]
+
+
+def check_out_dir(out_dir: Path, source: Path, overwrite: bool) -> None:
+    """Refuse an existing ``out_dir`` (unless ``overwrite``) and any overlap with the input."""
+    out_r, src_r = out_dir.resolve(), source.resolve()
+    src_dir = src_r if src_r.is_dir() else src_r.parent
+    if out_r == src_dir or out_r in src_dir.parents or src_dir in out_r.parents:
+        raise InvalidOptionError(f"output {out_dir} overlaps the input {source}; choose a directory outside it")
+    if out_dir.exists() and not overwrite:
+        raise OutputExistsError(f"{out_dir} already exists; choose another directory or pass --overwrite to replace it")
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: Path) -> Iterator[Path]:
+    """Yield a temporary directory next to ``out_dir``; move it into place only if the block succeeds."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.skipit-tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.skipit-old")
+            shutil.rmtree(old, ignore_errors=True)
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare(model_path: Path, options: CompressOptions) -> tuple[LoadedModel, Any, Any]:
+    """Load the model, bind its spec and load + split the calibration data."""
+    loaded = load_model(model_path, options.load)
+    spec = decoder_spec(loaded.model)
+    options.policy.check_budget(spec.num_layers)
+    d = options.data
+    data = load_calibration(d.path, with_images=spec.is_vlm, seed=d.seed, limit=d.limit)
+    return loaded, spec, data
+
+
+def encode_split(loaded: LoadedModel, spec: Any, data: Any, split: str, options: CompressOptions) -> list[Any]:
+    d = options.data
+    return encode(data.split(split), loaded.processor, spec, batch_size=d.batch_size, max_length=d.max_length,
+                  device=options.load.device)
+
+
+def compress(model_path: str | Path, out_dir: str | Path, options: CompressOptions = CompressOptions(),
+             progress: Progress | None = None) -> CompressResult:
+    """Certify, remove and save: the job behind ``skipit-compress MODEL OUT``."""
+    model_path, out_dir = Path(model_path), Path(out_dir)
+    emit = progress or (lambda kind, info: None)
+    check_out_dir(out_dir, model_path, options.overwrite)
+    emit("stage", {"name": f"loading {model_path}"})
+    loaded, spec, data = prepare(model_path, options)
+    calibration = encode_split(loaded, spec, data, "calibration", options)
+    holdout = encode_split(loaded, spec, data, "holdout", options)
+    emit("stage", {"name": "certifying"})
+    cert = certify(loaded.model, spec, calibration, holdout, options.policy, options.analyze, on_event=emit)
+    cert.data = data.describe()
+    emit("stage", {"name": f"removing layers {cert.layers} and saving"})
+    config_diff = remove_layers_(loaded.model, spec, cert.layers)
+    with atomic_dir(out_dir) as tmp:
+        save_checkpoint(loaded.model, loaded.processor, None if loaded.gguf_file else loaded.model_dir, tmp / "model")
+        emit("stage", {"name": "reloading the checkpoint in a fresh process"})
+        reload_facts = verify_reload(tmp / "model", loaded.model, spec, calibration[0].inputs)
+        manifest = build_manifest(
+            source={"path": str(model_path), "gguf_file": loaded.gguf_file, "processor_note": loaded.processor_note},
+            architecture=type(loaded.model).__name__,
+            certificate=cert,
+            config_diff=config_diff,
+            calibration=data.describe(),
+            analyze_config=asdict(options.analyze),
+            reload_check=reload_facts,
+        )
+        write_manifest(tmp, manifest)
+        (tmp / "README.md").write_text(model_card(manifest))
+    return CompressResult(out_dir, cert, manifest)
+
+
+def analyze_model(model_path: str | Path, options: CompressOptions = CompressOptions(),
+                  progress: Progress | None = None) -> dict[str, Any]:
+    """Scores only (``skipit analyze``): one hooked pass over the calibration split, no rewrite."""
+    emit = progress or (lambda kind, info: None)
+    loaded, spec, data = prepare(Path(model_path), options)
+    batches = encode_split(loaded, spec, data, "calibration", options)
+    emit("pass_start", {"split": "calibration", "removed": [], "samples": sum(b.size for b in batches)})
+    result = run_pass(loaded.model, spec, batches, config=options.analyze, on_batch=lambda k: emit("batch", {"n": k}))
+    combined = result.combined(vision=spec.is_vlm and result.tokens["vision"] > 0)
+    return {
+        "model": str(model_path),
+        "architecture": type(loaded.model).__name__,
+        "num_layers": spec.num_layers,
+        "tokens": result.tokens,
+        "analyze_config": asdict(options.analyze),
+        "calibration": data.describe(),
+        "layers": [ls.as_dict() for ls in result.layers],
+        "combined": combined,
+        "ranking": sorted(combined, key=combined.get),
+    }
