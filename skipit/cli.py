@@ -143,7 +143,7 @@ def _run(args: argparse.Namespace, job: Callable[[Any, Any], Any]) -> int:
     except SkipitError as exc:
         if args.debug:
             raise
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]: nothing was written")
@@ -152,7 +152,7 @@ def _run(args: argparse.Namespace, job: Callable[[Any, Any], Any]) -> int:
         if args.debug:
             raise
         console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}\nrerun with --debug for the traceback "
-                      "and please report it", highlight=False)
+                      "and please report it", highlight=False, soft_wrap=True)
         return EXIT_CRASH
 
 

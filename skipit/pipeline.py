@@ -17,7 +17,7 @@ from skipit.compressor.certify import Certificate, CertifyPolicy, certify
 from skipit.compressor.loading import LoadedModel, LoadOptions, load_model
 from skipit.compressor.manifest import build_manifest, model_card, write_manifest
 from skipit.compressor.rewrite import remove_layers_, save_checkpoint, verify_reload
-from skipit.errors import InvalidOptionError, OutputExistsError
+from skipit.errors import InvalidOptionError, ModelLoadError, OutputExistsError
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +55,11 @@ class CompressResult:
 
 def check_out_dir(out_dir: Path, source: Path, overwrite: bool) -> None:
     """Refuse an existing ``out_dir`` (unless ``overwrite``) and any overlap with the input."""
+    if not source.exists():
+        raise ModelLoadError(f"{source} does not exist; give a model directory (config.json + *.safetensors) or a .gguf file")
     out_r, src_r = out_dir.resolve(), source.resolve()
-    src_dir = src_r if src_r.is_dir() else src_r.parent
-    if out_r == src_dir or out_r in src_dir.parents or src_dir in out_r.parents:
+    overlap = out_r == src_r or src_r in out_r.parents or out_r in src_r.parents
+    if overlap:
         raise InvalidOptionError(f"output {out_dir} overlaps the input {source}; choose a directory outside it")
     if out_dir.exists() and not overwrite:
         raise OutputExistsError(f"{out_dir} already exists; choose another directory or pass --overwrite to replace it")

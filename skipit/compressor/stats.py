@@ -7,7 +7,7 @@ independent, so resampling tokens would understate it).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -22,7 +22,7 @@ class Estimate:
     n: int
 
     def as_dict(self) -> dict[str, float]:
-        return {k: float(v) for k, v in asdict(self).items()}
+        return {"mean": self.mean, "lo": self.lo, "hi": self.hi, "n": int(self.n)}
 
 
 def bootstrap_ratio(
