@@ -128,6 +128,17 @@ def _summary(console: Any, manifest: dict[str, Any], out_dir: Path) -> None:
     console.print(table)
 
 
+def _oracle_table(console: Any, oracle: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title="Spearman(score, held-out KL when removed alone)")
+    table.add_column("score")
+    table.add_column("rho", justify="right")
+    for name, rho in oracle["spearman"].items():
+        table.add_row(name, f"{rho:+.3f}")
+    console.print(table)
+
+
 def _run(args: argparse.Namespace, job: Callable[[Any, Any], Any]) -> int:
     from rich.console import Console
     from rich.logging import RichHandler
@@ -178,14 +189,17 @@ def _analyze(args: argparse.Namespace) -> int:
             from skipit.errors import OutputExistsError
 
             raise OutputExistsError(f"{args.out_json} already exists; pass --overwrite to replace it")
-        report = analyze_model(args.model, _options(args, compress=False), progress=progress)
+        report = analyze_model(args.model, _options(args, compress=False), progress=progress, with_oracle=args.oracle)
         tmp = args.out_json.with_name(f".{args.out_json.name}.tmp")
         tmp.write_text(json.dumps(report, indent=2))
         tmp.replace(args.out_json)
         if args.json:
             print(json.dumps(report))
         else:
-            console.print(f"ranking (most redundant first): {report['ranking']}\nwrote {args.out_json}")
+            console.print(f"ranking (most redundant first): {report['ranking']}")
+            if "oracle" in report:
+                _oracle_table(console, report["oracle"])
+            console.print(f"wrote {args.out_json}")
         return EXIT_OK
 
     return _run(args, job)
@@ -201,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", type=Path)
     p.add_argument("out_json", type=Path)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--oracle", action="store_true",
+                   help="also remove each layer alone and report the Spearman correlation of each score with the real damage")
     _add_common(p)
     p.set_defaults(func=_analyze)
     return parser

@@ -134,15 +134,28 @@ def compress(model_path: str | Path, out_dir: str | Path, options: CompressOptio
 
 
 def analyze_model(model_path: str | Path, options: CompressOptions = CompressOptions(),
-                  progress: Progress | None = None) -> dict[str, Any]:
-    """Scores only (``skipit analyze``): one hooked pass over the calibration split, no rewrite."""
+                  progress: Progress | None = None, with_oracle: bool = False) -> dict[str, Any]:
+    """Scores only (``skipit analyze``): one hooked pass over the calibration split, no rewrite.
+
+    ``with_oracle`` also removes each layer alone and reports how well each score ranks the real
+    held-out damage (Spearman), at one pass per layer.
+    """
     emit = progress or (lambda kind, info: None)
     loaded, spec, data = prepare(Path(model_path), options)
     batches = encode_split(loaded, spec, data, "calibration", options)
     emit("pass_start", {"split": "calibration", "removed": [], "samples": sum(b.size for b in batches)})
     result = run_pass(loaded.model, spec, batches, config=options.analyze, on_batch=lambda k: emit("batch", {"n": k}))
     combined = result.combined(vision=spec.is_vlm and result.tokens["vision"] > 0)
-    return {
+    report: dict[str, Any] = {}
+    if with_oracle:
+        from skipit.compressor.oracle import oracle
+
+        holdout = encode_split(loaded, spec, data, "holdout", options)
+        emit("pass_start", {"split": "holdout", "removed": ["each layer alone"], "samples": spec.num_layers})
+        found = oracle(loaded.model, spec, batches, holdout, config=options.analyze, scores=result,
+                       on_pass=lambda layer: emit("batch", {"n": 1}))
+        report["oracle"] = found.as_dict()
+    return report | {
         "model": str(model_path),
         "architecture": type(loaded.model).__name__,
         "num_layers": spec.num_layers,

@@ -11,7 +11,7 @@ written as ``Tok("<image>")`` and resolved against the tokenizer at build time.
 
 Usage::
 
-    from tests.tiny_models import ARCHITECTURES, make_inputs
+    from tiny_models import ARCHITECTURES, make_inputs  # tests/ is on sys.path (conftest)
     d = ARCHITECTURES["LlavaForConditionalGeneration"](tmp_path / "llava")
     model = AutoModelForImageTextToText.from_pretrained(d)
     logits = model(**make_inputs(d, "hi", image)).logits
@@ -19,8 +19,9 @@ Usage::
 
 from __future__ import annotations
 
+import functools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -105,8 +106,7 @@ class Spec:
     image_processor: tuple[str, dict] | None = None  # (class name, kwargs)
     processor: tuple[str, dict] | None = None  # (class name, kwargs)
     image_prompt: str = ""  # what to put in the text where the image goes
-    text_key: str | None = None  # where text kwargs go: None = top level
-    facts: dict[str, str] = field(default_factory=dict)
+    text_key: str | None = None  # sub-config holding the decoder (None: top-level config)
 
     @property
     def is_vlm(self) -> bool:
@@ -305,28 +305,12 @@ ARCHITECTURES: dict[str, Callable[[Path], Path]] = {
 # --------------------------------------------------------------------------- load / inputs
 
 
+@functools.cache
 def _processor_class(name: str) -> type:
-    """``transformers.<name>``, minus its video processor when torchvision is missing.
+    """The processor class, without video support when torchvision is missing (see skipit's loader)."""
+    from skipit.compressor.loading import processor_class
 
-    Without torchvision, processors that declare a ``video_processor`` (Qwen2-VL,
-    Qwen2.5-VL) cannot be constructed at all, even with ``video_processor=None``:
-    ``ProcessorMixin`` type-checks every declared sub-processor against
-    ``VideoProcessorMixin``, which is not exported then.  The sub-processors are
-    taken from the ``__init__`` signature, so a subclass whose ``__init__`` has no
-    ``video_processor`` parameter is an image+text-only processor.  It keeps the
-    original ``__name__`` so that saved configs name the real class.
-    """
-    cls = getattr(transformers, name)
-    if transformers.utils.is_torchvision_available() or "video_processor" not in cls.get_attributes():
-        return cls
-
-    class ImageTextOnly(cls):
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-            self.video_processor = None
-
-    ImageTextOnly.__name__ = ImageTextOnly.__qualname__ = name
-    return ImageTextOnly
+    return processor_class(name)
 
 
 def _arch(model_dir: Path) -> str:

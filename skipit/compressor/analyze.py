@@ -6,7 +6,9 @@ For every decoder layer and separately for text and vision tokens:
 * ``tail`` — P[cos distance > eps] over tokens (proximal condition);
 * ``rel_update`` — ‖h_out − h_in‖ / ‖h_in‖;
 * ``lens_kl`` (text tokens) — KL(p(·|h_out) ‖ p(·|h_in)) read through the final norm and LM head
-  (the "logit lens"; informational condition), on a fixed subsample of text positions.
+  (the "logit lens"; informational condition), on a fixed subsample of text positions;
+* ``vision_attention`` (text tokens of VLM samples with images) — the attention mass text queries
+  put on vision keys, averaged over heads (cross-modal condition; see ``crossmodal``).
 
 The same pass can compare the model's output with reference log-probabilities (the original model's),
 giving the end-to-end KL(original ‖ current) and top-1 agreement used for verification.
@@ -14,12 +16,14 @@ giving the end-to-end KL(original ‖ current) and top-1 agreement used for veri
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from skipit.compressor.crossmodal import capture_vision_attention
 from skipit.compressor.stats import Estimate, bootstrap_ratio, rank01
 
 log = logging.getLogger(__name__)
@@ -113,6 +117,8 @@ class _Accumulator:
         self.counts = {m: np.zeros(n_samples) for m in MODALITIES}
         self.lens_sum = np.zeros(shape)
         self.lens_count = np.zeros(n_samples)
+        self.xattn_sum = np.zeros(shape)
+        self.xattn_count = np.zeros(n_samples)
 
 
 def _lens_logprobs(spec: Any, h: Any) -> Any:
@@ -201,13 +207,20 @@ def run_pass(
             np.add.at(acc.lens_sum[:, pos], rows[lr.cpu().numpy()], kl.cpu().numpy())
             state["lens_prev"] = cur
 
+    def record_xattn(pos: int, share: Any) -> None:
+        text = state["text"].float()
+        acc.xattn_sum[state["rows"], pos] += (share * text).sum(-1).cpu().numpy()
+
+    stack = contextlib.ExitStack()
+    if layer_scores and spec.is_vlm:
+        stack.enter_context(capture_vision_attention(spec, lambda: state.get("vision"), record_xattn))
     if layer_scores:
         for pos, layer in enumerate(spec.layers):
             handles.append(layer.register_forward_pre_hook(pre_hook, with_kwargs=True))
             handles.append(layer.register_forward_hook(make_post_hook(pos), with_kwargs=True))
     start = 0
     try:
-        with torch.inference_mode():
+        with stack, torch.inference_mode():
             for b_idx, batch in enumerate(batches):
                 rows = np.arange(start, start + batch.size)
                 start += batch.size
@@ -215,6 +228,8 @@ def run_pass(
                 state["lens_idx"] = _lens_positions(batch.text_mask, config.lens_tokens) if layer_scores else ([], [])
                 for modality, mask in (("text", batch.text_mask), ("vision", batch.vision_mask)):
                     acc.counts[modality][rows] += mask.sum(-1).cpu().numpy()
+                if bool(batch.vision_mask.any()):
+                    acc.xattn_count[rows] += batch.text_mask.sum(-1).cpu().numpy()
                 np.add.at(acc.lens_count, rows[state["lens_idx"][0].cpu().numpy()] if layer_scores else [], 1)
                 logits = model(**batch.inputs, use_cache=False).logits
                 logp = torch.log_softmax(logits.float()[batch.text_mask], dim=-1)  # [n_text, vocab]
@@ -278,6 +293,8 @@ def _finish_layers(acc: _Accumulator, spec: Any, config: AnalyzeConfig) -> list[
             per_metric[(modality, key)] = bootstrap_ratio(acc.sums[(modality, key)], acc.counts[modality], **kw)
     if acc.lens_count.sum() > 0:
         per_metric[("text", "lens_kl")] = bootstrap_ratio(acc.lens_sum, acc.lens_count, **kw)
+    if acc.xattn_sum.any():
+        per_metric[("text", "vision_attention")] = bootstrap_ratio(acc.xattn_sum, acc.xattn_count, **kw)
     layers = []
     for pos, original in enumerate(spec.original_indices):
         metrics: dict[str, dict[str, Estimate]] = {}

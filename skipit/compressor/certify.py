@@ -38,6 +38,9 @@ class CertifyPolicy:
         confidence: one-sided confidence of the bounds.
         max_rejections: candidate layers that may fail the bound before the search stops.
         probe_width: candidates verified per step (1 = cheapest; more = closer to greedy search).
+        max_vision_attention: cross-modal condition (VLMs): a layer whose text queries put more than
+            this share of their attention on vision tokens is not a candidate (it carries the
+            image into the text stream). None disables the condition.
     """
 
     max_kl: float | None = 0.05
@@ -47,6 +50,7 @@ class CertifyPolicy:
     confidence: float = 0.95
     max_rejections: int = 2
     probe_width: int = 1
+    max_vision_attention: float | None = 0.5
 
     def __post_init__(self) -> None:
         if self.max_kl is None and self.max_layers is None:
@@ -76,6 +80,11 @@ class CertifyPolicy:
             raise InvalidOptionError(
                 f"--max-layers {self.max_layers} must be smaller than the model's {n_layers} decoder layers"
             )
+
+    def cross_modal_ok(self, stats: Any) -> bool:
+        """Whether a layer's measured text→vision attention share satisfies the cross-modal condition."""
+        share = stats.metrics.get("text", {}).get("vision_attention")
+        return self.max_vision_attention is None or share is None or share.mean <= self.max_vision_attention
 
     def admits(self, div: Divergence) -> bool:
         """Whether a measured divergence satisfies the bounds (upper KL bound, lower top-1 bound)."""
@@ -110,6 +119,7 @@ class Certificate:
     steps: list[Step] = field(default_factory=list)
     initial_scores: list[dict[str, Any]] = field(default_factory=list)
     combined_scores: dict[int, float] = field(default_factory=dict)
+    conditions: list[dict[str, Any]] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -169,8 +179,9 @@ def certify(
     vision = spec.is_vlm and base.tokens["vision"] > 0
     current, chosen, steps, rejected = base, [], [], set()
     current_div: Divergence | None = None
+    cross_modal = {ls.index: policy.cross_modal_ok(ls) for ls in base.layers}
     while len(chosen) < budget and len(rejected) <= policy.max_rejections:
-        candidates = [i for i in range(n) if i not in protected and i not in chosen and i not in rejected]
+        candidates = [i for i in range(n) if i not in protected and i not in chosen and i not in rejected and cross_modal[i]]
         ranking = current.combined(candidates, vision=vision)
         if not ranking:
             break
@@ -211,9 +222,27 @@ def certify(
         passes={**passes, "total": passes["calibration"] + passes["holdout"]},
         steps=steps,
         initial_scores=[ls.as_dict() for ls in base.layers],
+        conditions=_conditions(base, chosen, cross_modal, steps),
         combined_scores=base.combined(vision=vision),
         seconds=time.perf_counter() - t0,
     )
+
+
+def _conditions(base: PassResult, chosen: list[int], cross_modal: dict[int, bool], steps: list[Step]) -> list[dict[str, Any]]:
+    """The conditions table: per layer, each measured condition and whether the layer was removed."""
+    verified = {s.candidate: s for s in steps}
+    rows = []
+    for ls in base.layers:
+        text, vision = ls.metrics.get("text", {}), ls.metrics.get("vision", {})
+        row = {"layer": ls.index, "removed": ls.index in chosen, "cross_modal_ok": cross_modal[ls.index]}
+        for name, est in (("geometric", text.get("cos_dist")), ("proximal", text.get("tail")),
+                          ("informational", text.get("lens_kl")), ("vision_geometric", vision.get("cos_dist")),
+                          ("vision_attention", text.get("vision_attention"))):
+            row[name] = None if est is None else est.mean
+        step = verified.get(ls.index)
+        row["verified_kl_hi"] = None if step is None else step.kl_hi
+        rows.append(row)
+    return rows
 
 
 def _nothing_message(policy: CertifyPolicy, steps: list[Step], holdout_failed: bool = False) -> str:

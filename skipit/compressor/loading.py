@@ -151,42 +151,62 @@ def _dtype(options: LoadOptions) -> Any:
     return "auto" if options.dtype == "auto" else getattr(torch, options.dtype)
 
 
+def processor_class(name: str) -> type:
+    """``transformers.<name>``, minus its video processor when torchvision is missing.
+
+    Qwen2-VL / Qwen2.5-VL processors declare a ``video_processor``; without torchvision (it does not
+    import beside torch 2.13 CPU) they cannot be built at all, not even with ``video_processor=None``,
+    because every declared sub-processor is type-checked against a class that is then not exported.
+    The sub-processors are read from ``__init__``'s signature, so a subclass without that parameter is
+    an image+text processor. It keeps the original name so saved configs name the real class.
+    """
+    import transformers
+
+    cls = getattr(transformers, name)
+    if transformers.utils.is_torchvision_available() or "video_processor" not in cls.get_attributes():
+        return cls
+
+    class ImageTextOnly(cls):  # type: ignore[valid-type, misc]
+        def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None, **kwargs: Any):
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+            self.video_processor = None
+
+    ImageTextOnly.__name__ = ImageTextOnly.__qualname__ = name
+    return ImageTextOnly
+
+
+def _saved_processor_class(model_dir: Path) -> str | None:
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        path = model_dir / name
+        if path.is_file():
+            found = json.loads(path.read_text()).get("processor_class")
+            if found:
+                return found
+    return None
+
+
 def load_processor(model_dir: Path, is_vlm: bool, options: LoadOptions, gguf_file: str | None = None) -> tuple[Any, str | None]:
     """Load the tokenizer (text) or processor (VLM) saved beside a model; return it and a note.
 
-    Qwen2-VL/2.5-VL processors need torchvision for their video processor in transformers 5.x; when
-    it is missing the processor is assembled from the (PIL) image processor and the tokenizer.
+    The note says when the processor had to be built without video support (see :func:`processor_class`).
     """
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    import transformers
 
-    kw = {"trust_remote_code": options.trust_remote_code}
-    if gguf_file:
-        return AutoTokenizer.from_pretrained(model_dir, gguf_file=gguf_file), None
-    if not is_vlm:
-        try:
-            return AutoTokenizer.from_pretrained(model_dir, **kw), None
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"{model_dir} has no usable tokenizer ({exc}); copy the tokenizer files next to config.json") from None
+    kw: dict[str, Any] = {"trust_remote_code": options.trust_remote_code}
+    name = _saved_processor_class(model_dir) if is_vlm and not gguf_file else None
     try:
-        return AutoProcessor.from_pretrained(model_dir, **kw), None
-    except (ImportError, OSError, ValueError) as exc:
-        first_error = exc
-    try:
-        import transformers
-
-        image_processor = AutoImageProcessor.from_pretrained(model_dir, **kw)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, **kw)
-        cls_name = json.loads((model_dir / "processor_config.json").read_text()).get("processor_class") if (
-            model_dir / "processor_config.json").exists() else None
-        cls_name = cls_name or json.loads((model_dir / "preprocessor_config.json").read_text()).get("processor_class")
-        processor_cls = getattr(transformers, cls_name)
-        extra = {"video_processor": None} if "video_processor" in processor_cls.get_attributes() else {}
-        processor = processor_cls(image_processor=image_processor, tokenizer=tokenizer, **extra)
-    except Exception as exc:  # noqa: BLE001 - report both failures to the user
-        raise ModelLoadError(f"cannot load the processor of {model_dir}: {first_error}; fallback failed too: {exc}") from None
-    note = f"AutoProcessor failed ({str(first_error).splitlines()[0]}); built {type(processor).__name__} from image processor + tokenizer, without video support"
-    log.warning(note)
-    return processor, note
+        if gguf_file:
+            return transformers.AutoTokenizer.from_pretrained(model_dir, gguf_file=gguf_file), None
+        if name is None:
+            return transformers.AutoTokenizer.from_pretrained(model_dir, **kw), None
+        cls = processor_class(name)
+        note = None if cls is getattr(transformers, name) else (
+            f"{name} built without its video processor (torchvision is not importable); images and text work")
+        return cls.from_pretrained(model_dir, **kw), note
+    except (OSError, ValueError, AttributeError, ImportError) as exc:
+        what = "processor" if name else "tokenizer"
+        raise ModelLoadError(f"{model_dir} has no usable {what} ({str(exc).splitlines()[0]}); "
+                             f"copy the {what} files next to config.json") from None
 
 
 def load_model(path: str | Path, options: LoadOptions = LoadOptions()) -> LoadedModel:
@@ -231,4 +251,6 @@ def load_model(path: str | Path, options: LoadOptions = LoadOptions()) -> Loaded
         model.to(_dtype(options) if options.dtype != "auto" else torch.float32)
     model.to(options.device).eval()
     processor, note = load_processor(model_dir, is_vlm, options, gguf_file)
+    if note:
+        log.warning(note)
     return LoadedModel(model, processor, source, model_dir, gguf_file, note)
