@@ -41,3 +41,15 @@ class RewriteError(SkipitError):
 
 class ExportError(SkipitError):
     """An export (ONNX / TensorRT) failed or its output does not match the model."""
+
+
+class BackendUnavailableError(SkipitError):
+    """An optional backend (TensorRT, CUDA) is not installed or has no device to run on."""
+
+
+class EngineIncompatibleError(ExportError):
+    """A TensorRT engine was built for another GPU architecture or TensorRT version: rebuild it here."""
+
+
+class MissingAnswersError(CalibrationDataError):
+    """Task accuracy was asked for, but the evaluation samples carry no ``"answer"`` field."""

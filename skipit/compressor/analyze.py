@@ -81,6 +81,13 @@ class Divergence:
     top1: Estimate
     nll: Estimate
     per_sample_kl: list[float] = field(default_factory=list)
+    #: per-sample sums [samples, 3] of (KL, top-1 agreement, next-token NLL), for paired statistics
+    sample_sums: np.ndarray | None = None
+    #: per-sample counts [samples, 2] of (text tokens, text tokens with a next text token)
+    sample_counts: np.ndarray | None = None
+    #: per-token KL and the sample (row) each token belongs to, for quantiles
+    token_kl: np.ndarray | None = None
+    token_rows: np.ndarray | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"kl": self.kl.as_dict(), "top1": self.top1.as_dict(), "nll": self.nll.as_dict()}
@@ -280,7 +287,9 @@ def _finish_divergence(div_rows: list, n_samples: int, config: AnalyzeConfig) ->
     kl, top1 = bootstrap_ratio(sums[:, :2], counts, **kw)
     (nll,) = bootstrap_ratio(sums[:, 2], nll_counts, **kw)
     per_sample = np.divide(sums[:, 0], counts, out=np.zeros(n_samples), where=counts > 0)
-    return Divergence(kl, top1, nll, per_sample.tolist())
+    token_rows = np.concatenate([r[0] for r in div_rows]) if div_rows else np.zeros(0, dtype=int)
+    token_kl = np.concatenate([r[1] for r in div_rows]) if div_rows else np.zeros(0)
+    return Divergence(kl, top1, nll, per_sample.tolist(), sums, np.stack([counts, nll_counts], axis=1), token_kl, token_rows)
 
 
 def _finish_layers(acc: _Accumulator, spec: Any, config: AnalyzeConfig) -> list[LayerStats]:
