@@ -54,6 +54,10 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--confidence", type=float, default=0.95)
     g.add_argument("--probe-width", type=int, default=1, help="candidates verified per step (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--export", type=lambda t: tuple(x for x in t.split(",") if x), default=(),
+                   help="also export: onnx, or onnx,trt (engines need TensorRT and a GPU; skipped with a message otherwise)")
+    p.add_argument("--validate", action="store_true",
+                   help="run the `skipit validate` gate on the untouched test split (and ONNX parity); its exit code")
     _add_common(p)
 
 
@@ -74,6 +78,8 @@ def _options(args: argparse.Namespace, compress: bool) -> Any:
         policy=policy,
         analyze=AnalyzeConfig(eps=args.eps),
         overwrite=getattr(args, "overwrite", False),
+        export=getattr(args, "export", ()),
+        validate=getattr(args, "validate", False),
     )
 
 
@@ -124,7 +130,7 @@ def _summary(console: Any, manifest: dict[str, Any], out_dir: Path) -> None:
     table.add_row("held-out top-1 agreement", f"{hold['top1']['mean']:.3f}  (≥ {hold['top1']['lo']:.3f})")
     table.add_row("forward passes", f"{cert['passes']['total']}")
     table.add_row("reload check", f"max |Δlogit| {manifest['reload_check']['max_abs_logit_error']:.2e}")
-    table.add_row("output", str(out_dir))
+    table.add_row("output", f"{out_dir} (model/, skipit_manifest.json, README.md, report.html)")
     console.print(table)
 
 
@@ -173,10 +179,13 @@ def _compress(args: argparse.Namespace) -> int:
 
         result = compress(args.model, args.out_dir, _options(args, compress=True), progress=progress)
         if args.json:
-            print(json.dumps(result.manifest, default=str))
+            validation = result.validation.as_dict() if result.validation else None
+            print(json.dumps({**result.manifest, "validation": validation, "exports": result.exports}, default=str))
         else:
             _summary(console, result.manifest, result.out_dir)
-        return EXIT_OK
+            if result.validation is not None:
+                console.print(result.validation.summary(), highlight=False)
+        return result.exit_code
 
     return _run(args, job)
 
@@ -205,6 +214,47 @@ def _analyze(args: argparse.Namespace) -> int:
     return _run(args, job)
 
 
+def _export(args: argparse.Namespace) -> int:
+    def job(progress: Any, console: Any) -> int:
+        from skipit.exporters.export import build_engines, export_onnx
+
+        if args.trt:
+            engines = build_engines(args.source, args.dest, profiles=args.profiles, precision=args.precision,
+                                    max_context=args.max_context, timing_cache=args.timing_cache, opset=args.opset)
+            console.print("engines: " + ", ".join(str(e) for e in engines))
+            return EXIT_OK
+        from skipit.exporters.onnx_text import OnnxExportConfig
+
+        config = OnnxExportConfig(opset=args.opset or 18, dtype=args.dtype, exporter=args.exporter, overwrite=args.overwrite)
+        progress("stage", {"name": f"exporting {args.source} to ONNX"})
+        graphs = export_onnx(args.source, args.dest, config)
+        console.print("ONNX graphs (verified against torch with onnxruntime): " + ", ".join(str(g) for g in graphs.values()))
+        return EXIT_OK
+
+    return _run(args, job)
+
+
+def _add_export_parser(sub: Any) -> None:
+    p = sub.add_parser("export", help="export a (slim) checkpoint to ONNX, or ONNX graphs to TensorRT engines",
+                       description="skipit export MODEL_DIR OUT_DIR  → OUT_DIR/onnx/*.onnx + config/tokenizer files;  "
+                       "skipit export OUT_DIR/onnx ENGINES_DIR --trt  → TensorRT engines (GPU machine).")
+    p.add_argument("source", type=Path, help="checkpoint directory (ONNX) or ONNX export directory (--trt)")
+    p.add_argument("dest", type=Path, help="output directory")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="ONNX precision (default fp32)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default 18, TensorRT-friendly)")
+    p.add_argument("--exporter", default="dynamo", choices=["dynamo", "legacy", "auto"], help="torch.onnx route")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export in DEST")
+    g = p.add_argument_group("TensorRT (--trt)")
+    g.add_argument("--trt", action="store_true", help="build TensorRT engines from the ONNX graphs in SOURCE")
+    g.add_argument("--profiles", help="optimization profiles, e.g. prefill=1x1..1x2048,decode=1x1..4x1 (batch x sequence)")
+    g.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"])
+    g.add_argument("--max-context", type=int, help="longest past+sequence (default: max_position_embeddings)")
+    g.add_argument("--timing-cache", type=Path, help="TensorRT timing cache file (read and updated)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="skipit", description="Remove decoder layers that measurably do nothing.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -219,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also remove each layer alone and report the Spearman correlation of each score with the real damage")
     _add_common(p)
     p.set_defaults(func=_analyze)
+    _add_export_parser(sub)
+    from skipit.validators.cli_validate import add_validate_parser
+
+    add_validate_parser(sub)
     return parser
 
 

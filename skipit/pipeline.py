@@ -18,6 +18,7 @@ from skipit.compressor.loading import LoadedModel, LoadOptions, load_model
 from skipit.compressor.manifest import build_manifest, model_card, write_manifest
 from skipit.compressor.rewrite import remove_layers_, save_checkpoint, verify_reload
 from skipit.errors import InvalidOptionError, ModelLoadError, OutputExistsError
+from skipit.validators.report import write_report
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,13 @@ class CompressOptions:
     policy: CertifyPolicy = field(default_factory=CertifyPolicy)
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
     overwrite: bool = False
+    export: tuple[str, ...] = ()
+    validate: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = set(self.export) - {"onnx", "trt"}
+        if unknown:
+            raise InvalidOptionError(f"--export {','.join(sorted(unknown))} is not supported; use onnx or onnx,trt")
 
 
 @dataclass
@@ -51,6 +59,13 @@ class CompressResult:
     out_dir: Path
     certificate: Certificate
     manifest: dict[str, Any]
+    validation: Any = None
+    exports: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        """0, or the validation gate's exit code when ``--validate`` found a failed check."""
+        return 0 if self.validation is None else self.validation.exit_code
 
 
 def check_out_dir(out_dir: Path, source: Path, overwrite: bool) -> None:
@@ -130,7 +145,41 @@ def compress(model_path: str | Path, out_dir: str | Path, options: CompressOptio
         )
         write_manifest(tmp, manifest)
         (tmp / "README.md").write_text(model_card(manifest))
-    return CompressResult(out_dir, cert, manifest)
+        exports = _export(tmp, options, emit)
+        validation = _validate(model_path, tmp, options, emit) if options.validate else None
+        emit("stage", {"name": "writing report.md / report.html"})
+        write_report(tmp, manifest, validation=validation.as_dict() if validation else None,
+                     speed=validation.speed.as_dict() if validation and validation.speed else None)
+    return CompressResult(out_dir, cert, manifest, validation, exports)
+
+
+def _export(tmp: Path, options: CompressOptions, emit: Progress) -> dict[str, Any]:
+    """``--export onnx[,trt]``: graphs into ``tmp/onnx``, engines into ``tmp/engines`` where possible."""
+    from skipit.errors import BackendUnavailableError
+    from skipit.exporters.export import build_engines, export_onnx
+
+    out: dict[str, Any] = {}
+    if not options.export:
+        return out
+    emit("stage", {"name": "exporting the slim model to ONNX (verified with onnxruntime)"})
+    out["onnx"] = {k: str(v) for k, v in export_onnx(tmp / "model", tmp / "onnx").items()}
+    if "trt" in options.export:
+        emit("stage", {"name": "building TensorRT engines"})
+        try:
+            out["engines"] = [str(p) for p in build_engines(tmp / "onnx", tmp / "engines")]
+        except BackendUnavailableError as exc:
+            log.warning("TensorRT engines skipped: %s", exc)
+            out["engines"] = {"skipped": str(exc)}
+    return out
+
+
+def _validate(model_path: Path, tmp: Path, options: CompressOptions, emit: Progress) -> Any:
+    """``--validate``: the CI gate on the untouched test split (and ONNX parity when exported)."""
+    from skipit.validators.gate import GateConfig, validate
+
+    onnx = tmp / "onnx" if "onnx" in options.export else None
+    config = GateConfig(data=options.data.path, limit=options.data.limit, onnx=onnx, load=options.load)
+    return validate(model_path, tmp, config, progress=emit)
 
 
 def analyze_model(model_path: str | Path, options: CompressOptions = CompressOptions(),

@@ -46,7 +46,7 @@ class AnalyzeConfig:
     """
 
     eps: float = 0.1
-    lens_tokens: int = 16
+    lens_tokens: int = 8
     confidence: float = 0.95
     n_boot: int = 1000
 

@@ -2,7 +2,7 @@
 
 A JSONL line is ``{"text": ...}`` or ``{"image": "relative/path.png", "text": ...}`` with an optional
 ``"answer"``. Images resolve relative to the file and must stay inside its folder. The data is split
-deterministically into three parts: ``calibration`` (scores and layer choice), ``holdout`` (the
+deterministically (20 % / 40 % / 40 %) into ``calibration`` (scores and layer choice), ``holdout`` (the
 certificate's verification, never used for choosing) and ``test`` (untouched, for ``skipit validate``).
 """
 
@@ -136,7 +136,7 @@ def load_calibration(
     path: str | Path | None = None,
     *,
     with_images: bool = False,
-    fractions: Sequence[float] = (0.4, 0.4),
+    fractions: Sequence[float] = (0.2, 0.4),
     seed: int = 0,
     limit: int | None = None,
 ) -> CalibrationSet:

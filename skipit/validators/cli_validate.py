@@ -1,0 +1,101 @@
+"""``skipit validate ORIGINAL SLIM``: the argparse part of the CI gate (:mod:`skipit.validators.gate`).
+
+Register it in ``skipit/cli.py``'s ``build_parser``::
+
+    from skipit.validators.cli_validate import add_validate_parser
+    add_validate_parser(sub)
+
+The handler reuses ``skipit.cli._run`` (logging, progress bars, error → exit code); it is imported
+when the command runs, so ``skipit.cli`` may import this module at its top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def add_validate_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``validate`` subcommand to an ``argparse`` subparsers object and return its parser."""
+    p = subparsers.add_parser(
+        "validate", help="check a slim model against the original (CI gate)",
+        description="Compare a slim model with the original on held-out data and check bounds. Exit codes: "
+                    "0 all checks pass, 4 parity failed, 5 speed failed, 6 ONNX export mismatch, 2 bad input.")
+    p.add_argument("original", type=Path, help="original model directory or .gguf file")
+    p.add_argument("slim", type=Path, help="slim model directory (skipit's OUT_DIR or OUT_DIR/model)")
+    p.add_argument("--data", type=Path, help="JSONL evaluation data (default: the data in the slim model's "
+                   "skipit_manifest.json, else built-in)")
+    p.add_argument("--split", default="test", choices=["test", "holdout", "calibration", "all"],
+                   help="which split of the data (default: test, untouched by certification)")
+    p.add_argument("--limit", type=int, help="use at most this many samples of the data (before splitting)")
+    g = p.add_argument_group("bounds (a failed one sets the exit code)")
+    g.add_argument("--max-kl", type=float, help="max mean KL(original‖slim), nats/token (default: the certified bound)")
+    g.add_argument("--min-top1", type=float, help="min top-1 agreement with the original")
+    g.add_argument("--min-speedup", type=float, help="min slim/original speedup, torch (measures speed; slow)")
+    g.add_argument("--onnx", type=Path, help="exported ONNX model (dir or file) to compare with the slim torch model")
+    g.add_argument("--onnx-atol", type=float, default=1e-3, help="max |Δlogit| of ONNX vs torch (default 1e-3)")
+    g.add_argument("--point-estimates", action="store_true",
+                   help="compare means with the bounds instead of the conservative ends of the 95%% intervals")
+    g = p.add_argument_group("measurement")
+    g.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per sample for generation match (0: skip)")
+    g.add_argument("--accuracy", action=argparse.BooleanOptionalAction, default=None,
+                   help="task accuracy on samples with an \"answer\" (default: when the data has answers)")
+    g.add_argument("--seq-lens", default="32,128,256", help="prefill lengths for --min-speedup (default 32,128,256)")
+    g.add_argument("--repeats", type=int, default=5, help="timed repeats per runner (default 5)")
+    g = p.add_argument_group("model loading")
+    g.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 … (default: cpu)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "auto"])
+    g.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model dirs")
+    g.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--max-length", type=int, default=128, help="tokens per sample (default: 128)")
+    p.add_argument("--json", type=Path, metavar="REPORT_JSON", help="also write the full report as JSON here")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=validate_command)
+    return p
+
+
+def gate_config(args: argparse.Namespace) -> Any:
+    """The :class:`~skipit.validators.gate.GateConfig` for parsed ``validate`` arguments."""
+    from skipit.compressor.loading import LoadOptions
+    from skipit.errors import InvalidOptionError
+    from skipit.validators.backend import BackendParityConfig
+    from skipit.validators.gate import GateConfig
+    from skipit.validators.parity import ParityConfig
+    from skipit.validators.speed import SpeedConfig
+
+    try:
+        seq_lens = tuple(int(x) for x in args.seq_lens.split(",") if x.strip())
+    except ValueError:
+        raise InvalidOptionError(f"--seq-lens expects comma-separated integers such as 32,128,256, got {args.seq_lens!r}") from None
+    return GateConfig(
+        data=args.data, split=args.split, limit=args.limit, max_kl=args.max_kl, min_top1=args.min_top1,
+        min_speedup=args.min_speedup, onnx=args.onnx, conservative=not args.point_estimates,
+        parity=ParityConfig(new_tokens=args.new_tokens, accuracy=args.accuracy, batch_size=args.batch_size,
+                            max_length=args.max_length),
+        backend=BackendParityConfig(atol=args.onnx_atol, device="cuda" if args.device.startswith("cuda") else "cpu"),
+        speed=SpeedConfig(seq_lens=seq_lens, repeats=args.repeats),
+        load=LoadOptions(args.dtype, args.device, args.trust_remote_code, args.allow_pickle),
+    )
+
+
+def validate_command(args: argparse.Namespace) -> int:
+    """Handler of ``skipit validate``: run the gate, print the summary, write ``--json``; return the exit code."""
+    from skipit.cli import _run
+
+    def job(progress: Any, console: Any) -> int:
+        from skipit.validators.gate import validate
+
+        report = validate(args.original, args.slim, gate_config(args), progress=progress)
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            tmp = args.json.with_name(f".{args.json.name}.tmp")
+            tmp.write_text(json.dumps(report.as_dict(), indent=2))
+            tmp.replace(args.json)
+        print(report.summary())
+        return report.exit_code
+
+    return _run(args, job)

@@ -1,0 +1,270 @@
+"""The CI gate behind ``skipit validate ORIGINAL SLIM``: parity (and optionally ONNX parity and speed)
+checked against bounds, with a distinct exit code per kind of failure.
+
+Exit codes (:attr:`ValidationReport.exit_code`):
+
+====  ==========================================================================================
+0     every check passed
+4     parity failed: KL(original ‖ slim) above ``--max-kl`` or top-1 agreement below ``--min-top1``
+5     speed failed: the slim model is not ``--min-speedup`` times faster than the original (torch)
+6     export mismatch: the ONNX graph (``--onnx``) disagrees with the slim torch model
+2     bad input or option (raised as :class:`~skipit.errors.SkipitError`, as everywhere in skipit)
+====  ==========================================================================================
+
+When several kinds fail, the code of the most serious one wins: parity (4), then export (6), then
+speed (5).
+
+Data: ``--data FILE.jsonl`` or, without it, the data the slim model was certified on (read from the
+``skipit_manifest.json`` beside the slim ``model/`` directory; skipit's built-in data when there is no
+manifest), and its ``test`` split by default — the part that played no role in choosing or
+certifying the layers. Without ``--max-kl`` the bound is the one the slim model was certified for
+(manifest), if any. By default a bound is checked against the *conservative* end of the 95 %
+interval (upper for KL, lower for agreement); ``conservative=False`` compares point estimates.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from skipit.compressor.loading import LoadOptions
+from skipit.errors import InvalidOptionError
+from skipit.validators.backend import BackendParity, BackendParityConfig
+from skipit.validators.parity import ParityConfig, ParityReport
+from skipit.validators.speed import SpeedConfig, SpeedResult
+
+log = logging.getLogger(__name__)
+
+EXIT_PASS, EXIT_PARITY, EXIT_SPEED, EXIT_EXPORT = 0, 4, 5, 6
+#: kind of check → exit code, in order of precedence
+EXIT_CODES = {"parity": EXIT_PARITY, "export": EXIT_EXPORT, "speed": EXIT_SPEED}
+Progress = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """What ``skipit validate`` checks and on which data.
+
+    Attributes:
+        data: JSONL evaluation data; None: the data recorded in the slim model's manifest (or built-in).
+        split: ``test`` (default), ``holdout``, ``calibration`` or ``all``.
+        limit: use at most this many samples of the file (before splitting, as ``--calib-limit``).
+        max_kl: bound on mean KL(original ‖ slim), nats/token; None: the certified bound, if any.
+        min_top1: lower bound on top-1 agreement.
+        min_speedup: lower bound on slim-vs-original speedup (torch, prefill at the longest length
+            and decode); None: speed is not measured.
+        onnx: exported ONNX model (directory or file) to compare with the slim torch model.
+        conservative: compare the conservative end of each interval with its bound (default), not the mean.
+    """
+
+    data: Path | None = None
+    split: str = "test"
+    limit: int | None = None
+    max_kl: float | None = None
+    min_top1: float | None = None
+    min_speedup: float | None = None
+    onnx: Path | None = None
+    conservative: bool = True
+    parity: ParityConfig = field(default_factory=ParityConfig)
+    backend: BackendParityConfig = field(default_factory=BackendParityConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+    load: LoadOptions = field(default_factory=LoadOptions)
+
+    def __post_init__(self) -> None:
+        from skipit.compressor.calibration import SPLITS
+
+        if self.split not in (*SPLITS, "all"):
+            raise InvalidOptionError(f"--split {self.split!r} is not one of {', '.join((*SPLITS, 'all'))}")
+        if self.max_kl is not None and self.max_kl <= 0:
+            raise InvalidOptionError(f"--max-kl must be > 0 nats, got {self.max_kl}")
+        if self.min_top1 is not None and not 0 <= self.min_top1 <= 1:
+            raise InvalidOptionError(f"--min-top1 must be in [0, 1], got {self.min_top1}")
+        if self.min_speedup is not None and self.min_speedup <= 0:
+            raise InvalidOptionError(f"--min-speedup must be > 0 (1.1 = 10 % faster), got {self.min_speedup}")
+        if self.limit is not None and self.limit < 6:
+            raise InvalidOptionError(f"--limit must be ≥ 6 to leave samples in every split, got {self.limit}")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One verdict: ``value`` compared with ``bound`` by ``op`` (``<=`` or ``>=``)."""
+
+    name: str
+    kind: str
+    value: float
+    bound: float
+    op: str
+    passed: bool
+    note: str = ""
+
+    @classmethod
+    def of(cls, name: str, kind: str, value: float, bound: float, op: str, note: str = "") -> "Check":
+        passed = value <= bound if op == "<=" else value >= bound
+        return cls(name, kind, float(value), float(bound), op, bool(passed), note)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "value": self.value, "bound": self.bound, "op": self.op,
+                "passed": self.passed, "note": self.note}
+
+
+@dataclass
+class ValidationReport:
+    """Everything ``validate`` measured and decided; see the module docstring for ``exit_code``."""
+
+    original: str
+    slim: str
+    data: dict[str, Any]
+    parity: ParityReport
+    checks: list[Check]
+    removed: list[int] | None = None
+    onnx: BackendParity | None = None
+    speed: SpeedResult | None = None
+
+    @property
+    def failed_kinds(self) -> list[str]:
+        return [kind for kind in EXIT_CODES if any(c.kind == kind and not c.passed for c in self.checks)]
+
+    @property
+    def exit_code(self) -> int:
+        failed = self.failed_kinds
+        return EXIT_CODES[failed[0]] if failed else EXIT_PASS
+
+    @property
+    def passed(self) -> bool:
+        return self.exit_code == EXIT_PASS
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "format": "skipit-validation/1", "passed": self.passed, "exit_code": self.exit_code,
+            "failed": self.failed_kinds, "original": self.original, "slim": self.slim, "removed": self.removed,
+            "data": self.data, "checks": [c.as_dict() for c in self.checks], "parity": self.parity.as_dict(),
+            "onnx": self.onnx.as_dict() if self.onnx else None, "speed": self.speed.as_dict() if self.speed else None,
+        }
+
+    def summary(self) -> str:
+        """One screen of plain text: verdict, the measured numbers with intervals, every check."""
+        from skipit.validators.summary import render_summary
+
+        return render_summary(self)
+
+
+def _slim_dirs(slim_path: Path) -> tuple[Path, Path | None]:
+    """(model dir, manifest file or None): accepts skipit's output dir or its ``model/`` folder."""
+    from skipit.compressor.manifest import MANIFEST_NAME
+
+    if not (slim_path / "config.json").exists() and (slim_path / "model" / "config.json").exists():
+        slim_path = slim_path / "model"
+    manifest = slim_path.parent / MANIFEST_NAME
+    return slim_path, manifest if manifest.is_file() else None
+
+
+def _data(config: GateConfig, manifest: dict[str, Any] | None, with_images: bool) -> tuple[list[Any], dict[str, Any]]:
+    """The evaluation samples and a JSON-able description of where they came from."""
+    from skipit.compressor.calibration import load_calibration
+
+    recorded = (manifest or {}).get("calibration") or {}
+    path, limit = config.data, config.limit
+    if path is None and recorded:
+        source = recorded.get("source", "builtin")
+        if source != "builtin":
+            if Path(source).is_file():
+                path = Path(source)
+            else:
+                log.warning("the slim model was certified on %s, which is not here; using the built-in data", source)
+        if limit is None:  # the certificate may have used --calib-limit: draw the same subset
+            limit = recorded.get("samples")
+    data = load_calibration(path, with_images=with_images, limit=limit)
+    described = data.describe()
+    same = bool(recorded) and described.get("text_sha256_16") == recorded.get("text_sha256_16")
+    if recorded and not same and config.data is None:
+        log.warning("the evaluation data differs from the data in the manifest: its %s split may overlap the "
+                    "samples the layers were chosen on", config.split)
+    if same and recorded.get("split_indices"):
+        data.splits = {k: list(v) for k, v in recorded["split_indices"].items()}
+    samples = data.samples if config.split == "all" else data.split(config.split)
+    info = {"source": data.source, "description": data.description, "split": config.split, "samples": len(samples),
+            "matches_manifest": same if recorded else None}
+    return samples, info
+
+
+def _parity_checks(parity: ParityReport, config: GateConfig, certified: float | None) -> list[Check]:
+    logits, cons = parity.logits, config.conservative
+    checks = []
+    max_kl = config.max_kl if config.max_kl is not None else certified
+    if max_kl is not None:
+        note = "" if config.max_kl is not None else "bound from the slim model's certificate"
+        value = logits.kl.hi if cons else logits.kl.mean
+        checks.append(Check.of("kl" + (" (upper 95% bound)" if cons else ""), "parity", value, max_kl, "<=", note))
+    if config.min_top1 is not None:
+        value = logits.top1.lo if cons else logits.top1.mean
+        checks.append(Check.of("top1" + (" (lower 95% bound)" if cons else ""), "parity", value, config.min_top1, ">="))
+    return checks
+
+
+def _export_checks(onnx: BackendParity, config: GateConfig) -> list[Check]:
+    return [
+        Check.of("onnx max |Δlogit|", "export", onnx.logits.max_abs, config.backend.atol, "<=",
+                 f"mean {onnx.logits.mean_abs:.3g}, p99 {onnx.logits.p99_abs:.3g}"),
+        Check.of("onnx greedy token match", "export", onnx.generation.token_match, 1.0, ">="),
+    ]
+
+
+def _speed_checks(speed: SpeedResult, config: GateConfig) -> list[Check]:
+    slim = speed.runners["slim"]
+    longest = max(speed.seq_lens)
+    checks = [Check.of(f"prefill speedup @{longest} tokens", "speed", slim.prefill_speedup[longest],
+                       config.min_speedup, ">=", "torch slim vs torch original, medians")]
+    if slim.decode_speedup is not None:
+        checks.append(Check.of("decode speedup", "speed", slim.decode_speedup, config.min_speedup, ">=",
+                               f"{speed.decode_tokens} tokens"))
+    return checks
+
+
+def _measure_speed(original: Any, slim: Any, config: GateConfig) -> SpeedResult:
+    from dataclasses import asdict
+
+    from skipit.validators.backend import find_onnx
+    from skipit.validators.speed import OrtRunner, TorchRunner, measure_speed
+
+    runners: dict[str, Any] = {"original": TorchRunner(original, "original"), "slim": TorchRunner(slim, "slim")}
+    if config.onnx is not None:
+        runners["ort_slim"] = OrtRunner(find_onnx(config.onnx), "ort_slim", device=config.backend.device)
+    return measure_speed(runners, baseline="original", **asdict(config.speed))
+
+
+def validate(original_path: str | Path, slim_path: str | Path, config: GateConfig = GateConfig(),
+             progress: Progress | None = None) -> ValidationReport:
+    """Check ``slim_path`` against ``original_path``; see the module docstring. Never raises on a failed
+    check (that is ``report.exit_code``); raises :class:`~skipit.errors.SkipitError` on bad input."""
+    from skipit.compressor.arch import decoder_spec
+    from skipit.compressor.loading import load_model
+    from skipit.compressor.manifest import read_manifest
+    from skipit.validators.backend import backend_parity
+    from skipit.validators.parity import check_parity
+
+    emit = progress or (lambda kind, info: None)
+    slim_dir, manifest_path = _slim_dirs(Path(slim_path))
+    manifest = read_manifest(manifest_path.parent) if manifest_path else None
+    removed = (manifest or {}).get("layers", {}).get("removed")
+    certified = ((manifest or {}).get("thresholds") or {}).get("max_kl")
+    emit("stage", {"name": f"loading {original_path} and {slim_dir}"})
+    original, slim = load_model(original_path, config.load), load_model(slim_dir, config.load)
+    samples, data_info = _data(config, manifest, decoder_spec(original.model).is_vlm)
+    emit("stage", {"name": f"parity on the {config.split} split ({len(samples)} samples)"})
+    parity = check_parity(original.model, slim.model, samples, original.processor, config.parity, emit,
+                          label=config.split, removed=removed or ())
+    checks = _parity_checks(parity, config, certified)
+    onnx = speed = None
+    if config.onnx is not None:
+        emit("stage", {"name": f"ONNX Runtime vs torch on {config.onnx}"})
+        onnx = backend_parity(slim.model, slim.processor, samples, config.onnx, config.backend)
+        checks += _export_checks(onnx, config)
+    if config.min_speedup is not None:
+        emit("stage", {"name": "measuring speed (runners interleaved)"})
+        speed = _measure_speed(original.model, slim.model, config)
+        checks += _speed_checks(speed, config)
+    report = ValidationReport(str(original_path), str(slim_dir), data_info, parity, checks, removed, onnx, speed)
+    log.info("validation %s (exit code %d)", "passed" if report.passed else "failed", report.exit_code)
+    return report
