@@ -91,6 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--calib-samples", type=int, default=24, help="calibration samples used for choosing")
+    parser.add_argument("--holdout-samples", type=int, default=None, help="held-out samples used for scoring sets")
     parser.add_argument("--probe-width", type=int, default=1)
     parser.add_argument("--skip-sleb", action="store_true")
     parser.add_argument("--json", type=Path)
@@ -100,7 +101,7 @@ def main() -> None:
     model, spec = loaded.model, decoder_spec(loaded.model)
     data = load_calibration(None)
     cal = encode(data.split("calibration")[: args.calib_samples], loaded.processor, spec)
-    hold = encode(data.split("holdout"), loaded.processor, spec)
+    hold = encode(data.split("holdout")[: args.holdout_samples], loaded.processor, spec)
     protected = {0, spec.num_layers - 1}
     base = run_pass(model, spec, cal, keep_reference=True)
     cal_ref = base.reference
