@@ -222,6 +222,20 @@ def _build_cache(past: Sequence[tuple["torch.Tensor", "torch.Tensor"]]) -> Any:
     return cache
 
 
+def forward_with_past(model: Any, cache_kwarg: str, past_key_values: Sequence[tuple[Any, Any]], **inputs: Any) -> tuple:
+    """Run ``model`` on a cache built from flat past tensors; return ``(logits, *present)``.
+
+    The body of every traced decoder wrapper (text and VLM): the cache is updated in place, so each
+    layer holds past + the new tokens afterwards, flattened as key, value per layer.
+    """
+    cache = _build_cache(past_key_values)
+    out = model(**inputs, use_cache=True, **{cache_kwarg: cache})
+    present: list[Any] = []
+    for layer in cache.layers:
+        present += [layer.keys, layer.values]
+    return (out.logits, *present)
+
+
 def _make_wrapper(model: Any, num_layers: int) -> "torch.nn.Module":
     """nn.Module with the graph's explicit signature around a CausalLM."""
     import torch
@@ -240,19 +254,8 @@ def _make_wrapper(model: Any, num_layers: int) -> "torch.nn.Module":
             position_ids: torch.Tensor,
             past_key_values: list[tuple[torch.Tensor, torch.Tensor]],
         ) -> tuple[torch.Tensor, ...]:
-            cache = _build_cache(past_key_values)
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=True,
-                **{cache_kwarg: cache},
-            )
-            # the cache is updated in place: each layer now holds past + the new tokens
-            present: list[torch.Tensor] = []
-            for layer in cache.layers:
-                present += [layer.keys, layer.values]
-            return (out.logits, *present)
+            return forward_with_past(self.model, cache_kwarg, past_key_values, input_ids=input_ids,
+                                     attention_mask=attention_mask, position_ids=position_ids)
 
     return DecoderWithPast().eval()
 

@@ -88,7 +88,7 @@ from skipit.exporters.onnx_text import (
     _EXAMPLE_SEQ,
     _EXTERNAL_DATA_THRESHOLD,
     _KV_RE,
-    _build_cache,
+    forward_with_past,
     _cache_kwarg,
     _copy_side_files,
     _geometry,
@@ -449,18 +449,8 @@ def _decoder_wrapper(model: Any) -> "torch.nn.Module":
             position_ids: torch.Tensor,
             past_key_values: list[tuple[torch.Tensor, torch.Tensor]],
         ) -> tuple[torch.Tensor, ...]:
-            cache = _build_cache(past_key_values)
-            out = self.model(
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=True,
-                **{cache_kwarg: cache},
-            )
-            present: list[torch.Tensor] = []
-            for layer in cache.layers:
-                present += [layer.keys, layer.values]
-            return (out.logits, *present)
+            return forward_with_past(self.model, cache_kwarg, past_key_values, inputs_embeds=inputs_embeds,
+                                     attention_mask=attention_mask, position_ids=position_ids)
 
     return DecoderWithPast().eval()
 
