@@ -192,3 +192,24 @@ def test_console_script_exit_code_without_traceback(tmp_path: Path) -> None:
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sharded_checkpoint_loads_and_missing_shard_is_named(capsys, tiny_model_dir, tmp_path: Path) -> None:
+    from skipit.compressor.arch import decoder_spec
+    from skipit.compressor.loading import load_model
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir(LLAMA))
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="100KB")
+    for f in tiny_model_dir(LLAMA).glob("tokenizer*"):
+        shutil.copy(f, sharded / f.name)
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (sharded / "model.safetensors.index.json").exists()
+    loaded = load_model(sharded)
+    assert decoder_spec(loaded.model).num_layers == 6
+    with torch.no_grad():
+        assert torch.equal(loaded.model.lm_head.weight, model.lm_head.weight)
+    shards[-1].unlink()
+    code, err = _run(capsys, sharded, tmp_path / "out")
+    assert code == 2 and "missing weight shards" in err and shards[-1].name in err
+    _assert_nothing_written(tmp_path, tmp_path / "out")
