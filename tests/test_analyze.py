@@ -47,11 +47,23 @@ def test_identity_layer_ranks_first_and_is_certified(tiny_model_dir, arch: str) 
     assert cert.holdout["kl"]["hi"] < 1e-4
 
 
-def test_destructive_layer_is_never_certified(tiny_model_dir) -> None:
-    loaded, spec, cal, hold = _setup(tiny_model_dir, "LlamaForCausalLM")
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "LlavaForConditionalGeneration"])
+def test_destructive_layer_is_never_certified(tiny_model_dir, arch: str) -> None:
+    loaded, spec, cal, hold = _setup(tiny_model_dir, arch)
     _make_identity(spec.layers[2])
     with torch.no_grad():
         spec.layers[4].mlp.down_proj.weight.mul_(50.0)
     cert = certify(loaded.model, spec, cal, hold, CertifyPolicy(max_kl=None, max_layers=3))
     assert 4 not in cert.layers and 2 in cert.layers
     assert cert.order[0] == 2
+
+
+def test_oracle_ranks_an_identity_layer_as_harmless(tiny_model_dir) -> None:
+    from skipit.compressor.oracle import oracle
+
+    loaded, spec, cal, hold = _setup(tiny_model_dir, "LlamaForCausalLM")
+    _make_identity(spec.layers[2])
+    result = oracle(loaded.model, spec, cal, hold, layers=[1, 2, 3, 4])
+    assert result.damage[2]["kl"] < 1e-4 < min(result.damage[i]["kl"] for i in (1, 3, 4))  # fp16 reference floor ~2e-5
+    assert set(result.spearman) >= {"geometric", "proximal", "informational", "combined"}
+    assert -1 <= result.spearman["combined"] <= 1 and result.passes == 6
