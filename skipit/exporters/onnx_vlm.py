@@ -211,6 +211,17 @@ def _qwen_examples(model: Any) -> tuple[dict, list[dict]]:
 
 
 _ALL = ("dynamo", "legacy")
+# Qwen2-VL and Qwen2.5-VL share the vision interface: flattened patches + a [t, h, w] grid per image.
+_QWEN_VL = _VlmSpec(
+    vision_inputs=("pixel_values", "image_grid_thw"),
+    vision_axes={"pixel_values": {0: NUM_PATCHES}, "image_grid_thw": {0: NUM_IMAGES}},
+    example_vision=_qwen_examples,
+    routes={"vision": _ALL, "embed": _ALL, "decoder": _ALL},
+    tower="model.visual",
+    qwen_grid=True,
+    mrope=True,
+)
+
 _SPECS: dict[str, _VlmSpec] = {
     # get_image_features ends with list(features) over the image batch: pack the projector output instead.
     "LlavaForConditionalGeneration": _VlmSpec(
@@ -222,24 +233,8 @@ _SPECS: dict[str, _VlmSpec] = {
     ),
     # The vision tower is called directly with grid helpers computed in-graph (get_image_features would split
     # per image with .tolist()); with those helpers even the legacy tracer keeps the image grid dynamic.
-    "Qwen2VLForConditionalGeneration": _VlmSpec(
-        vision_inputs=("pixel_values", "image_grid_thw"),
-        vision_axes={"pixel_values": {0: NUM_PATCHES}, "image_grid_thw": {0: NUM_IMAGES}},
-        example_vision=_qwen_examples,
-        routes={"vision": _ALL, "embed": _ALL, "decoder": _ALL},
-        tower="model.visual",
-        qwen_grid=True,
-        mrope=True,
-    ),
-    "Qwen2_5_VLForConditionalGeneration": _VlmSpec(
-        vision_inputs=("pixel_values", "image_grid_thw"),
-        vision_axes={"pixel_values": {0: NUM_PATCHES}, "image_grid_thw": {0: NUM_IMAGES}},
-        example_vision=_qwen_examples,
-        routes={"vision": _ALL, "embed": _ALL, "decoder": _ALL},
-        tower="model.visual",
-        qwen_grid=True,
-        mrope=True,
-    ),
+    "Qwen2VLForConditionalGeneration": _QWEN_VL,
+    "Qwen2_5_VLForConditionalGeneration": _QWEN_VL,  # same vision interface as Qwen2-VL
     # get_image_features splits its output per batch row with .tolist(): the batch is folded into the images.
     "Idefics3ForConditionalGeneration": _VlmSpec(
         vision_inputs=("pixel_values", "pixel_attention_mask"),
