@@ -27,6 +27,12 @@ FAST = {"parity": ParityConfig(n_boot=200, new_tokens=4, batch_size=4, max_lengt
         "speed": SpeedConfig(seq_lens=(8,), repeats=1, warmup=0, decode_tokens=2)}
 
 
+def _test_split_size(data) -> int:
+    from skipit.compressor.calibration import load_calibration
+
+    return len(load_calibration(data).splits["test"])
+
+
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir, tmp_path_factory):
     """(original dir, skipit-style out dir whose model/ lacks layer 2 and has a manifest, data file)."""
@@ -62,7 +68,7 @@ def test_identical_models_pass(setup) -> None:
     assert report.exit_code == EXIT_PASS and report.passed
     assert [c.name.split()[0] for c in report.checks] == ["kl", "top1"] and all(c.passed for c in report.checks)
     assert report.parity.generation.sequence_match.mean == 1.0
-    assert report.data["split"] == "test" and report.data["samples"] == 4
+    assert report.data["split"] == "test" and report.data["samples"] == _test_split_size(data)
     assert report.summary().startswith("skipit validate: PASS (exit code 0)")
     assert json.loads(json.dumps(report.as_dict()))["exit_code"] == 0
 
@@ -77,9 +83,9 @@ def test_removed_layer_fails_an_impossible_kl_bound_with_exit_4(setup) -> None:
 
 
 def test_manifest_gives_data_and_certified_bound(setup) -> None:
-    original, out, _ = setup
+    original, out, data = setup
     report = validate(original, out, GateConfig(**FAST))  # skipit's OUT_DIR; no --data, no --max-kl
-    assert report.data["matches_manifest"] is True and report.data["samples"] == 4
+    assert report.data["matches_manifest"] is True and report.data["samples"] == _test_split_size(data)
     (kl,) = report.checks
     assert kl.bound == 1e-9 and "certificate" in kl.note
     assert report.exit_code == EXIT_PARITY

@@ -173,7 +173,8 @@ def run_pass(
     Args:
         reference: per-batch reference log-probs at text positions (from a previous pass with
             ``keep_reference=True``); when given, the end-to-end divergence is measured against it.
-        keep_reference: return this pass's log-probs at text positions (fp16) as a new reference.
+        keep_reference: return this pass's log-probs at text positions (fp16) and top-1 tokens, per
+            batch, as a new reference.
         layer_scores: compute per-layer statistics (hooks); off for a pure verification pass.
         on_batch: progress callback, called with the number of samples done in each batch.
     """
@@ -241,9 +242,12 @@ def run_pass(
                 logits = model(**batch.inputs, use_cache=False).logits
                 logp = torch.log_softmax(logits.float()[batch.text_mask], dim=-1)  # [n_text, vocab]
                 if keep_reference:
-                    kept_reference.append(logp.half())
+                    # fp16 halves the memory of the stored distributions; the top-1 token is kept exactly,
+                    # since near-ties (common in small or random models) would flip in fp16
+                    kept_reference.append((logp.half(), logp.argmax(-1)))
                 if reference is not None:
-                    div_rows.append(_divergence_rows(batch, logp, reference[b_idx].float(), rows))
+                    ref_logp, ref_top1 = reference[b_idx]
+                    div_rows.append(_divergence_rows(batch, logp, ref_logp.float(), ref_top1, rows))
                 tokens["text"] += int(batch.text_mask.sum())
                 tokens["vision"] += int(batch.vision_mask.sum())
                 tokens["lens"] += len(state["lens_idx"][0])
@@ -257,14 +261,14 @@ def run_pass(
     return PassResult(layers, divergence, kept_reference if keep_reference else None, tokens)
 
 
-def _divergence_rows(batch: Any, logp: Any, ref: Any, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+def _divergence_rows(batch: Any, logp: Any, ref: Any, ref_top1: Any, rows: np.ndarray) -> tuple[np.ndarray, ...]:
     """Per-token KL / top-1 agreement / next-token NLL, as (row ids, kl, agree, nll, nll_mask)."""
     import torch
 
     text = batch.text_mask
     row_of = torch.arange(text.shape[0]).unsqueeze(1).expand_as(text)[text].numpy()
     kl = _kl(ref, logp).clamp_min(0)
-    agree = (ref.argmax(-1) == logp.argmax(-1)).float()
+    agree = (ref_top1 == logp.argmax(-1)).float()
     # next-token NLL where the next position is a text token of the same row
     ids = batch.inputs["input_ids"]
     nxt = torch.zeros_like(text)
