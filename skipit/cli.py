@@ -58,7 +58,14 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
                    help="also export: onnx, or onnx,trt (engines need TensorRT and a GPU; skipped with a message otherwise)")
     p.add_argument("--validate", action="store_true",
                    help="run the `skipit validate` gate on the untouched test split (and ONNX parity); its exit code")
+    _add_backend(p)
     _add_common(p)
+
+
+def _add_backend(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="torch", choices=["torch", "optimum"],
+                   help="ONNX exporter: skipit's own torch.onnx route (default) or optimum's "
+                        "(text decoders; needs optimum-onnx, i.e. transformers<4.58)")
 
 
 def _options(args: argparse.Namespace, compress: bool) -> Any:
@@ -79,6 +86,7 @@ def _options(args: argparse.Namespace, compress: bool) -> Any:
         analyze=AnalyzeConfig(eps=args.eps),
         overwrite=getattr(args, "overwrite", False),
         export=getattr(args, "export", ()),
+        backend=getattr(args, "backend", "torch"),
         validate=getattr(args, "validate", False),
     )
 
@@ -225,7 +233,8 @@ def _export(args: argparse.Namespace) -> int:
             return EXIT_OK
         from skipit.exporters.onnx_text import OnnxExportConfig
 
-        config = OnnxExportConfig(opset=args.opset or 18, dtype=args.dtype, exporter=args.exporter, overwrite=args.overwrite)
+        config = OnnxExportConfig(opset=args.opset or 18, dtype=args.dtype, exporter=args.exporter, backend=args.backend,
+                                  overwrite=args.overwrite)
         progress("stage", {"name": f"exporting {args.source} to ONNX"})
         graphs = export_onnx(args.source, args.dest, config)
         console.print("ONNX graphs (verified against torch with onnxruntime): " + ", ".join(str(g) for g in graphs.values()))
@@ -243,6 +252,7 @@ def _add_export_parser(sub: Any) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="ONNX precision (default fp32)")
     p.add_argument("--opset", type=int, help="ONNX opset (default 18, TensorRT-friendly)")
     p.add_argument("--exporter", default="dynamo", choices=["dynamo", "legacy", "auto"], help="torch.onnx route")
+    _add_backend(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing export in DEST")
     g = p.add_argument_group("TensorRT (--trt)")
     g.add_argument("--trt", action="store_true", help="build TensorRT engines from the ONNX graphs in SOURCE")

@@ -46,12 +46,15 @@ class CompressOptions:
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
     overwrite: bool = False
     export: tuple[str, ...] = ()
+    backend: str = "torch"
     validate: bool = False
 
     def __post_init__(self) -> None:
         unknown = set(self.export) - {"onnx", "trt"}
         if unknown:
             raise InvalidOptionError(f"--export {','.join(sorted(unknown))} is not supported; use onnx or onnx,trt")
+        if self.backend != "torch" and "onnx" not in self.export:
+            raise InvalidOptionError(f"--backend {self.backend} chooses the ONNX exporter: add --export onnx")
 
 
 @dataclass
@@ -157,12 +160,14 @@ def _export(tmp: Path, options: CompressOptions, emit: Progress) -> dict[str, An
     """``--export onnx[,trt]``: graphs into ``tmp/onnx``, engines into ``tmp/engines`` where possible."""
     from skipit.errors import BackendUnavailableError
     from skipit.exporters.export import build_engines, export_onnx
+    from skipit.exporters.onnx_text import OnnxExportConfig
 
     out: dict[str, Any] = {}
     if not options.export:
         return out
     emit("stage", {"name": "exporting the slim model to ONNX (verified with onnxruntime)"})
-    out["onnx"] = {k: str(v) for k, v in export_onnx(tmp / "model", tmp / "onnx").items()}
+    config = OnnxExportConfig(backend=options.backend)
+    out["onnx"] = {k: str(v) for k, v in export_onnx(tmp / "model", tmp / "onnx", config).items()}
     if "trt" in options.export:
         emit("stage", {"name": "building TensorRT engines"})
         try:

@@ -47,7 +47,7 @@ def smollm2_gguf() -> Path:
 
 
 def _tree_snapshot(root: Path) -> set[str]:
-    skip = {".git", ".venv", "__pycache__", ".pytest_cache", "skipit.egg-info", "node_modules"}
+    skip = {".git", ".venv", ".venv-optimum", "__pycache__", ".pytest_cache", "skipit.egg-info", "node_modules"}
     found = set()
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in skip]

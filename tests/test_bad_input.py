@@ -14,6 +14,7 @@ import transformers
 
 from skipit.cli import main
 from skipit.pipeline import atomic_dir
+from tiny_models import build_tokenizer  # tests/ is on sys.path (conftest)
 
 LLAMA = "LlamaForCausalLM"
 
@@ -77,6 +78,7 @@ def test_unsupported_real_architecture_is_refused(capsys, tmp_path: Path) -> Non
     """GPT-2 exists in transformers but is not registered, and the probe cannot find its final norm."""
     cfg = transformers.GPT2Config(n_embd=32, n_layer=6, n_head=2, vocab_size=300, n_positions=64)
     transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
+    build_tokenizer().save_pretrained(tmp_path / "gpt2")  # a complete checkpoint: only the architecture is wrong
     code, err = _run(capsys, tmp_path / "gpt2", tmp_path / "out")
     assert code == 2 and "GPT2LMHeadModel" in err and "not supported" in err and "register" in err
     _assert_nothing_written(tmp_path, tmp_path / "out")

@@ -21,10 +21,12 @@ pytest.importorskip("onnx_ir")
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from skipit.errors import ExportError, InvalidOptionError, OutputExistsError  # noqa: E402
+from skipit.errors import BackendUnavailableError, ExportError, InvalidOptionError, OutputExistsError  # noqa: E402
+from skipit.exporters.onnx_optimum import optimum_available  # noqa: E402
 from skipit.exporters.onnx_text import (  # noqa: E402
     OnnxExportConfig,
     OrtDecoderRunner,
+    cache_kwarg,
     export_text_decoder,
     position_ids_from_mask,
 )
@@ -77,15 +79,24 @@ def build_qwen2_slim(out: Path) -> Path:
     return _save(model, out)
 
 
+# Every export route is checked by the same tests: skipit's own (legacy for Llama, dynamo for Qwen2)
+# and, where optimum-onnx is installed (the transformers 4.57 environment, `make test-optimum`),
+# optimum's exporter on the same checkpoints.
+ROUTES = {"llama": OnnxExportConfig(exporter="legacy"), "qwen2_slim": OnnxExportConfig(exporter="dynamo")}
+if optimum_available():
+    ROUTES |= {f"{name}+optimum": OnnxExportConfig(backend="optimum") for name in ("llama", "qwen2_slim")}
+BUILDERS = {"llama": build_llama, "qwen2_slim": build_qwen2_slim}
+LLAMAS = [n for n in ROUTES if n.startswith("llama")]
+QWENS = [n for n in ROUTES if n.startswith("qwen2_slim")]
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
-    """name -> (checkpoint dir, model.onnx), exported once per module."""
+    """route name -> (checkpoint dir, model.onnx), exported once per module."""
     root = tmp_path_factory.mktemp("onnx_text")
-    out = {}
-    for name, build, exporter in (("llama", build_llama, "legacy"), ("qwen2_slim", build_qwen2_slim, "dynamo")):
-        ckpt = build(root / name)
-        out[name] = (ckpt, export_text_decoder(ckpt, root / f"{name}-onnx", OnnxExportConfig(exporter=exporter)))
-    return out
+    ckpts = {name: build(root / name) for name, build in BUILDERS.items()}
+    return {name: (ckpts[name.split("+")[0]], export_text_decoder(ckpts[name.split("+")[0]], root / f"{name}-onnx", config))
+            for name, config in ROUTES.items()}
 
 
 def _torch_model(ckpt: Path) -> transformers.PreTrainedModel:
@@ -96,7 +107,7 @@ def _prompt(batch: int = 1, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).integers(3, COMMON["vocab_size"], size=(batch, PROMPT_LEN))
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2_slim"])
+@pytest.mark.parametrize("name", list(ROUTES))
 def test_prefill_and_cached_decode_match_torch(exported, name):
     ckpt, onnx_path = exported[name]
     model = _torch_model(ckpt)
@@ -109,20 +120,21 @@ def test_prefill_and_cached_decode_match_torch(exported, name):
     assert present[0][0].shape == (1, 2, PROMPT_LEN, 16)
     assert np.abs(logits - ref.logits.numpy()).max() <= ATOL
 
-    cache, mask = ref.cache, np.ones((1, PROMPT_LEN), np.int64)
+    cache, mask = getattr(ref, cache_kwarg(model)), np.ones((1, PROMPT_LEN), np.int64)
     for step in range(2):  # two cached decode steps, present fed back as past
         nxt = logits[:, -1:].argmax(-1).astype(np.int64)
         mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
         logits, present = runner.forward(nxt, mask, past=present)
         with torch.no_grad():
-            ref = model(torch.from_numpy(nxt), attention_mask=torch.from_numpy(mask), cache=cache, use_cache=True)
-        cache = ref.cache
+            ref = model(torch.from_numpy(nxt), attention_mask=torch.from_numpy(mask), use_cache=True,
+                        **{cache_kwarg(model): cache})
+        cache = getattr(ref, cache_kwarg(model))
         err = np.abs(logits - ref.logits.numpy()).max()
         assert err <= ATOL, f"decode step {step}: max abs error {err}"
         assert present[0][0].shape[2] == PROMPT_LEN + step + 1
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2_slim"])
+@pytest.mark.parametrize("name", list(ROUTES))
 def test_greedy_generation_equals_torch_generate(exported, name):
     ckpt, onnx_path = exported[name]
     model = _torch_model(ckpt)
@@ -134,9 +146,10 @@ def test_greedy_generation_equals_torch_generate(exported, name):
     np.testing.assert_array_equal(out, ref.numpy())
 
 
-def test_left_padded_batch_matches_torch(exported):
+@pytest.mark.parametrize("name", QWENS)
+def test_left_padded_batch_matches_torch(exported, name):
     """Batch of 2, row 0 left-padded: real-token logits and greedy tokens equal torch's."""
-    ckpt, onnx_path = exported["qwen2_slim"]
+    ckpt, onnx_path = exported[name]
     model = _torch_model(ckpt)
     ids = _prompt(batch=2, seed=3)
     mask = np.ones_like(ids)
@@ -169,23 +182,25 @@ def test_sliding_window_matters_for_these_prompts(exported):
     assert diff > 100 * ATOL
 
 
-def test_graph_io_follows_config_and_convention(exported):
+@pytest.mark.parametrize("name", list(ROUTES))
+def test_graph_io_follows_config_and_convention(exported, name):
     import onnx
 
-    for name, layers in (("llama", 6), ("qwen2_slim", 4)):
-        _, onnx_path = exported[name]
-        graph = onnx.load(onnx_path, load_external_data=False).graph
-        inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
-        outputs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in graph.output}
-        kv_in = [f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value")]
-        assert list(inputs) == ["input_ids", "attention_mask", "position_ids", *kv_in]
-        assert list(outputs) == ["logits", *[f"present.{i}.{k}" for i in range(layers) for k in ("key", "value")]]
-        assert inputs["input_ids"] == ["batch_size", "sequence_length"]
-        assert inputs["attention_mask"] == ["batch_size", "total_sequence_length"]
-        assert inputs["past_key_values.0.key"] == ["batch_size", 2, "past_sequence_length", 16]
-        assert outputs["logits"] == ["batch_size", "sequence_length", COMMON["vocab_size"]]
-        assert outputs["present.0.value"][2].replace(" ", "") == "past_sequence_length+sequence_length"
-        assert OrtDecoderRunner(onnx_path).num_layers == layers
+    layers = 6 if name.startswith("llama") else 4
+    _, onnx_path = exported[name]
+    graph = onnx.load(onnx_path, load_external_data=False).graph
+    inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    outputs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in graph.output}
+    kv_in = [f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value")]
+    assert list(inputs) == ["input_ids", "attention_mask", "position_ids", *kv_in]
+    assert list(outputs) == ["logits", *[f"present.{i}.{k}" for i in range(layers) for k in ("key", "value")]]
+    assert inputs["input_ids"] == ["batch_size", "sequence_length"]
+    total = "past_sequence_length + sequence_length" if name.endswith("optimum") else "total_sequence_length"
+    assert inputs["attention_mask"] == ["batch_size", total]
+    assert inputs["past_key_values.0.key"] == ["batch_size", 2, "past_sequence_length", 16]
+    assert outputs["logits"] == ["batch_size", "sequence_length", COMMON["vocab_size"]]
+    assert outputs["present.0.value"][2].replace(" ", "") == "past_sequence_length+sequence_length"
+    assert OrtDecoderRunner(onnx_path).num_layers == layers
 
 
 def test_output_layout_for_optimum_and_transformers_js(exported):
@@ -249,3 +264,28 @@ def test_bad_options_and_inputs(tmp_path):
 
     with pytest.raises(ModelLoadError, match="config.json"):
         export_text_decoder(tmp_path, tmp_path / "out")
+
+
+@pytest.mark.parametrize("name", [n for n in ROUTES if n.endswith("optimum")] or ["llama"])
+def test_export_records_its_route(exported, name):
+    import onnx
+
+    _, onnx_path = exported[name]
+    meta = {p.key: p.value for p in onnx.load(onnx_path, load_external_data=False).metadata_props}
+    route = ROUTES[name].backend if name.endswith("optimum") else ROUTES[name].exporter
+    assert meta["skipit.exporter"] == route
+    assert meta["skipit.num_hidden_layers"] == ("6" if name.startswith("llama") else "4")
+
+
+def test_optimum_backend_refusals(exported, tmp_path):
+    """fp16 is refused up front; where optimum-onnx is missing (transformers 5.x) the error says how to get it."""
+    with pytest.raises(InvalidOptionError, match="fp32"):
+        OnnxExportConfig(backend="optimum", dtype="fp16")
+    with pytest.raises(InvalidOptionError, match="backend"):
+        OnnxExportConfig(backend="tensorrt")
+    ckpt, _ = exported["llama"]
+    if optimum_available():
+        return  # exported above, through optimum, and checked like the other routes
+    with pytest.raises(BackendUnavailableError, match=r"transformers<4\.58|4\.57\.6"):
+        export_text_decoder(ckpt, tmp_path / "opt", OnnxExportConfig(backend="optimum"))
+    assert not (tmp_path / "opt" / "onnx" / "model.onnx").exists()

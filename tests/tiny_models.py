@@ -30,6 +30,10 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+_TX5 = int(transformers.__version__.split(".")[0]) >= 5
+# The PIL image processors are `XImageProcessorPil` in 5.x and plain `XImageProcessor` in 4.x.
+_PIL = "Pil" if _TX5 else ""
+
 SEED = 0
 VOCAB_SIZE = 320  # >= len(tokenizer) for every arch (bytes + specials)
 IMAGE_SIZE = 56  # pixels; with patch 14 -> 4x4 patches
@@ -73,11 +77,13 @@ SLIDING = dict(layer_types=LAYER_TYPES, sliding_window=SLIDING_WINDOW)
 QWEN_SLIDING = dict(SLIDING, use_sliding_window=True, max_window_layers=0)
 GEMMA = dict(head_dim=16, query_pre_attn_scalar=16)
 # M-RoPE: sections must sum to head_dim / 2 = 8.
-MROPE = dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+# (4.x spells it rope_scaling + rope_theta; 5.x moved both under rope_parameters)
+MROPE = (dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}) if _TX5
+         else dict(rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, rope_theta=10000.0))
 
 QWEN_VL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 QWEN_VL_IMAGE_PROCESSOR = (
-    "Qwen2VLImageProcessorPil",
+    "Qwen2VLImageProcessor" + _PIL,
     # min == max pixels -> every image is resized to 56x56 -> 4x4 patches -> 4 tokens after 2x2 merge
     dict(size={"shortest_edge": IMAGE_SIZE**2, "longest_edge": IMAGE_SIZE**2}, patch_size=PATCH, merge_size=2),
 )
@@ -146,7 +152,7 @@ SPECS: dict[str, Spec] = {
             vision_feature_select_strategy="default",
         ),
         image_processor=(
-            "CLIPImageProcessorPil",
+            "CLIPImageProcessor" + _PIL,
             dict(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
         ),
         processor=(
@@ -211,7 +217,7 @@ SPECS: dict[str, Spec] = {
             scale_factor=2,
         ),
         image_processor=(
-            "Idefics3ImageProcessorPil",
+            "Idefics3ImageProcessor" + _PIL,
             dict(
                 do_image_splitting=False,
                 size={"longest_edge": IMAGE_SIZE},
@@ -231,20 +237,21 @@ VLM_ARCHS: list[str] = [k for k, s in SPECS.items() if s.is_vlm]
 # --------------------------------------------------------------------------- tokenizer
 
 
-def build_tokenizer(extra_special_tokens: list[str] | tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
-    """Byte-level BPE with no merges: 3 specials + 256 byte tokens + extras."""
+def build_tokenizer(extra_special_tokens: list[str] | tuple[str, ...] = (), cls: type = PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with no merges: 3 specials + 256 byte tokens + extras, as ``cls``."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {tok: i for i, tok in enumerate([PAD, EOS, BOS, *alphabet])}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([PAD, EOS, BOS, *extra_special_tokens])
-    return PreTrainedTokenizerFast(
+    return cls(
         tokenizer_object=tok,
         bos_token=BOS,
         eos_token=EOS,
         pad_token=PAD,
-        extra_special_tokens=list(extra_special_tokens),
+        # transformers 4.x calls these additional_special_tokens (its extra_special_tokens is a dict)
+        **{"extra_special_tokens" if _TX5 else "additional_special_tokens": list(extra_special_tokens)},
         model_input_names=["input_ids", "attention_mask"],
     )
 
@@ -277,7 +284,9 @@ def build(name: str, out_dir: Path) -> Path:
     spec = SPECS[name]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(spec.extra_tokens)
+    # 4.x processors type-check their tokenizer (Qwen2-VL wants a Qwen2 tokenizer); 5.x accepts any fast one.
+    tok_cls = transformers.Qwen2TokenizerFast if not _TX5 and spec.model_type.startswith("qwen2") else PreTrainedTokenizerFast
+    tokenizer = build_tokenizer(spec.extra_tokens, tok_cls)
     assert len(tokenizer) <= VOCAB_SIZE, (name, len(tokenizer))
 
     torch.manual_seed(SEED)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from skipit.compat import load_overrides
 from skipit.errors import ModelLoadError, UnsupportedArchitectureError
 
 log = logging.getLogger(__name__)
@@ -163,10 +164,14 @@ def processor_class(name: str) -> type:
     import transformers
 
     cls = getattr(transformers, name)
-    if transformers.utils.is_torchvision_available() or "video_processor" not in cls.get_attributes():
+    # 5.x reads sub-processors from __init__ (get_attributes); 4.x lists them in a class attribute.
+    declared = cls.get_attributes() if hasattr(cls, "get_attributes") else cls.attributes
+    if transformers.utils.is_torchvision_available() or "video_processor" not in declared:
         return cls
 
     class ImageTextOnly(cls):  # type: ignore[valid-type, misc]
+        attributes = [a for a in declared if a != "video_processor"]  # 4.x only; 5.x reads the signature
+
         def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None, **kwargs: Any):
             super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
             self.video_processor = None
@@ -203,7 +208,7 @@ def load_processor(model_dir: Path, is_vlm: bool, options: LoadOptions, gguf_fil
         note = None if cls is getattr(transformers, name) else (
             f"{name} built without its video processor (torchvision is not importable); images and text work")
         return cls.from_pretrained(model_dir, **kw), note
-    except (OSError, ValueError, AttributeError, ImportError) as exc:
+    except (OSError, ValueError, AttributeError, ImportError, TypeError) as exc:  # 4.x: TypeError on a missing vocab file
         what = "processor" if name else "tokenizer"
         raise ModelLoadError(f"{model_dir} has no usable {what} ({str(exc).splitlines()[0]}); "
                              f"copy the {what} files next to config.json") from None
@@ -238,6 +243,8 @@ def load_model(path: str | Path, options: LoadOptions = LoadOptions()) -> Loaded
         kwargs["gguf_file"] = gguf_file
     if not options.allow_pickle:
         kwargs["use_safetensors"] = None if gguf_file else True
+    if not gguf_file:
+        kwargs.update(load_overrides(model_dir))
     log.info("loading %s with %s", source, getattr(cls, "__name__", cls))
     try:
         model = cls.from_pretrained(model_dir, **kwargs)

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from skipit.compat import make_config_portable
 from skipit.errors import RewriteError
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ def save_checkpoint(model: Any, processor: Any, source_dir: Path | None, out_dir
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
+    make_config_portable(out_dir)  # RoPE settings readable by transformers 4.x too (optimum's environment)
     copied = []
     if source_dir is not None:
         for pattern in PROCESSOR_FILE_PATTERNS:

@@ -39,6 +39,10 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, config: Any = None) 
     if is_vlm_checkpoint(model_dir):
         from skipit.exporters.onnx_vlm import export_vlm
 
+        if config.backend != "torch":
+            raise ExportError(f"--backend {config.backend} exports text decoders only (optimum refuses LLaVA, "
+                              "Qwen2-VL and Idefics3); VLM split graphs use --backend torch")
+
         return export_vlm(model_dir, out_dir, config)
     return {"model": export_text_decoder(model_dir, out_dir, config)}
 

@@ -102,11 +102,12 @@ _TOKENIZER_FILES = (
 # Layer types whose KV cache is a plain [batch, kv_heads, past, head_dim] pair per layer.
 _KV_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
 _EXPORTERS = ("dynamo", "legacy", "auto")
+BACKENDS = ("torch", "optimum")
 _DTYPES = ("fp32", "fp16")
 # Weights above this size go to model.onnx_data (protobuf's hard limit is 2 GiB).
-_EXTERNAL_DATA_THRESHOLD = 1 << 30
+EXTERNAL_DATA_THRESHOLD = 1 << 30
 # Example sizes used for tracing: distinct and > 1 so no dimension is specialised to 0/1 or unified.
-_EXAMPLE_BATCH, _EXAMPLE_SEQ, _EXAMPLE_PAST = 2, 3, 4
+EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST = 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,9 @@ class OnnxExportConfig:
         dtype: ``"fp32"`` or ``"fp16"`` (weights, activations and KV cache in half precision).
         exporter: ``"dynamo"`` (torch.export based, default), ``"legacy"`` (TorchScript) or ``"auto"``
             (dynamo, falling back to legacy when dynamo fails).
+        backend: ``"torch"`` (skipit's own export through ``torch.onnx``, default) or ``"optimum"``
+            (optimum's exporter, text decoders only, where optimum-onnx is installed: transformers
+            < 4.58; see :mod:`skipit.exporters.onnx_optimum`). Both are verified the same way.
         external_data: write weights to ``model.onnx_data``; ``None`` decides by size (> 1 GiB).
         verify: run the graph with onnxruntime after export and compare with torch; raise on mismatch.
         verify_atol: allowed max abs logits error; ``None``: 1e-3 for fp32, 2e-2 × max(1, |logits|) for fp16.
@@ -127,6 +131,7 @@ class OnnxExportConfig:
     opset: int = 18
     dtype: str = "fp32"
     exporter: str = "dynamo"
+    backend: str = "torch"
     external_data: bool | None = None
     verify: bool = True
     verify_atol: float | None = None
@@ -136,6 +141,11 @@ class OnnxExportConfig:
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise InvalidOptionError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if self.backend not in BACKENDS:
+            raise InvalidOptionError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.backend == "optimum" and self.dtype != "fp32":
+            raise InvalidOptionError("--backend optimum exports fp32 on the CPU (optimum's fp16 export needs CUDA); "
+                                     "use --backend torch for --dtype fp16")
         if self.exporter not in _EXPORTERS:
             raise InvalidOptionError(f"exporter must be one of {', '.join(_EXPORTERS)}, got {self.exporter!r}")
         if not 14 <= self.opset <= 23:
@@ -160,14 +170,14 @@ def kv_output_names(num_layers: int) -> list[str]:
 # Model and cache plumbing
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class _KvGeometry:
+class KvGeometry:
     num_layers: int
     kv_heads: int
     head_dim: int
     vocab_size: int
 
 
-def _geometry(model: Any) -> _KvGeometry:
+def kv_geometry(model: Any) -> KvGeometry:
     """KV-cache shape from the text config; refuse layer types without a plain KV pair."""
     cfg = model.config.get_text_config(decoder=True)
     n = int(cfg.num_hidden_layers)
@@ -186,10 +196,10 @@ def _geometry(model: Any) -> _KvGeometry:
     heads = int(cfg.num_attention_heads)
     kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-    return _KvGeometry(n, kv_heads, head_dim, int(cfg.vocab_size))
+    return KvGeometry(n, kv_heads, head_dim, int(cfg.vocab_size))
 
 
-def _cache_kwarg(model: Any) -> str:
+def cache_kwarg(model: Any) -> str:
     """``cache`` on transformers ≥ 5.24, ``past_key_values`` on earlier releases."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
@@ -240,7 +250,7 @@ def _make_wrapper(model: Any, num_layers: int) -> "torch.nn.Module":
     """nn.Module with the graph's explicit signature around a CausalLM."""
     import torch
 
-    cache_kwarg = _cache_kwarg(model)
+    kwarg = cache_kwarg(model)
 
     class DecoderWithPast(torch.nn.Module):
         def __init__(self) -> None:
@@ -254,15 +264,17 @@ def _make_wrapper(model: Any, num_layers: int) -> "torch.nn.Module":
             position_ids: torch.Tensor,
             past_key_values: list[tuple[torch.Tensor, torch.Tensor]],
         ) -> tuple[torch.Tensor, ...]:
-            return forward_with_past(self.model, cache_kwarg, past_key_values, input_ids=input_ids,
+            return forward_with_past(self.model, kwarg, past_key_values, input_ids=input_ids,
                                      attention_mask=attention_mask, position_ids=position_ids)
 
     return DecoderWithPast().eval()
 
 
-def _load(model_dir: Path, config: OnnxExportConfig) -> Any:
+def load_text_decoder(model_dir: Path, config: OnnxExportConfig) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
+
+    from skipit.compat import load_overrides
 
     if not (model_dir / "config.json").is_file():
         raise ModelLoadError(f"{model_dir} has no config.json: pass a Hugging Face checkpoint directory")
@@ -275,7 +287,7 @@ def _load(model_dir: Path, config: OnnxExportConfig) -> Any:
         )
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=torch.float32, attn_implementation=config.attn_implementation
+            model_dir, dtype=torch.float32, attn_implementation=config.attn_implementation, **load_overrides(model_dir)
         )
     except (ValueError, OSError, KeyError) as exc:
         raise ModelLoadError(
@@ -285,7 +297,7 @@ def _load(model_dir: Path, config: OnnxExportConfig) -> Any:
     return model.eval()
 
 
-def _example_inputs(geo: _KvGeometry, dtype: "torch.dtype", batch: int, seq: int, past: int,
+def _example_inputs(geo: KvGeometry, dtype: "torch.dtype", batch: int, seq: int, past: int,
                     left_pad: int = 0, seed: int = 0) -> tuple:
     """(input_ids, attention_mask, position_ids, past) with row 0 left-padded by ``left_pad``."""
     import torch
@@ -308,7 +320,7 @@ def _example_inputs(geo: _KvGeometry, dtype: "torch.dtype", batch: int, seq: int
 # --------------------------------------------------------------------------------------------------
 # The two export routes; each returns an onnx_ir.Model with the final input/output names
 # --------------------------------------------------------------------------------------------------
-def _export_dynamo(wrapper: Any, args: tuple, geo: _KvGeometry, config: OnnxExportConfig) -> Any:
+def _export_dynamo(wrapper: Any, args: tuple, geo: KvGeometry, config: OnnxExportConfig) -> Any:
     import torch
 
     dim = torch.export.Dim
@@ -319,12 +331,12 @@ def _export_dynamo(wrapper: Any, args: tuple, geo: _KvGeometry, config: OnnxExpo
         "position_ids": {0: batch, 1: seq},
         "past_key_values": [({0: batch, 2: past}, {0: batch, 2: past}) for _ in range(geo.num_layers)],
     }
-    with _warnings_to_debug():
+    with warnings_to_debug():
         program = _dynamo_export(wrapper, args, geo, config, dynamic_shapes)
     return program.model
 
 
-def _dynamo_export(wrapper: Any, args: tuple, geo: _KvGeometry, config: OnnxExportConfig,
+def _dynamo_export(wrapper: Any, args: tuple, geo: KvGeometry, config: OnnxExportConfig,
                    dynamic_shapes: dict[str, Any]) -> Any:
     import torch
 
@@ -341,7 +353,7 @@ def _dynamo_export(wrapper: Any, args: tuple, geo: _KvGeometry, config: OnnxExpo
     )
 
 
-def _export_legacy(wrapper: Any, args: tuple, geo: _KvGeometry, config: OnnxExportConfig, tmp: Path) -> Any:
+def _export_legacy(wrapper: Any, args: tuple, geo: KvGeometry, config: OnnxExportConfig, tmp: Path) -> Any:
     import onnx_ir as ir
 
     axes: dict[str, dict[int, str]] = {
@@ -355,31 +367,34 @@ def _export_legacy(wrapper: Any, args: tuple, geo: _KvGeometry, config: OnnxExpo
     path = tmp / "legacy.onnx"
     # The tracer warns about Python branches on shapes in transformers' mask code: the branches taken
     # for the example (no mask padding needed, no cache-free shortcut) are the right ones for every
-    # input that follows the convention, and _verify runs the graph on other shapes.
-    with _warnings_to_debug():
+    # input that follows the convention, and verify_against_torch runs the graph on other shapes.
+    with warnings_to_debug():
         _legacy_export(wrapper, args, path, geo, config, axes)
     return ir.load(path)
 
 
-def _legacy_export(wrapper: Any, args: tuple, path: Path, geo: _KvGeometry, config: OnnxExportConfig,
+def _legacy_export(wrapper: Any, args: tuple, path: Path, geo: KvGeometry, config: OnnxExportConfig,
                    axes: dict[str, dict[int, str]]) -> None:
     import torch
 
-    torch.onnx.export(
-        wrapper,
-        args,
-        str(path),
-        dynamo=False,
-        input_names=["input_ids", "attention_mask", "position_ids", *kv_input_names(geo.num_layers)],
-        output_names=["logits", *kv_output_names(geo.num_layers)],
-        dynamic_axes=axes,
-        opset_version=config.opset,
-        do_constant_folding=True,
-    )
+    from skipit.compat import torchscript_patches
+
+    with torchscript_patches():
+        torch.onnx.export(
+            wrapper,
+            args,
+            str(path),
+            dynamo=False,
+            input_names=["input_ids", "attention_mask", "position_ids", *kv_input_names(geo.num_layers)],
+            output_names=["logits", *kv_output_names(geo.num_layers)],
+            dynamic_axes=axes,
+            opset_version=config.opset,
+            do_constant_folding=True,
+        )
 
 
 @contextlib.contextmanager
-def _warnings_to_debug() -> Iterator[None]:
+def warnings_to_debug() -> Iterator[None]:
     """Exporter chatter (tracer warnings, axis-renaming notes, deprecations) goes to the debug log."""
     # torch.onnx logs "torchvision is not installed. Skipping torchvision::nms" and the like at WARNING
     quiet = logging.getLogger("torch.onnx._internal.exporter._registration")
@@ -395,7 +410,7 @@ def _warnings_to_debug() -> Iterator[None]:
         log.debug("exporter warning: %s: %s", w.category.__name__, str(w.message).splitlines()[0])
 
 
-def _check_io(model_ir: Any, geo: _KvGeometry) -> None:
+def check_graph_io(model_ir: Any, geo: KvGeometry) -> None:
     """The graph has exactly the inputs and outputs the convention promises."""
     want_in = ["input_ids", "attention_mask", "position_ids", *kv_input_names(geo.num_layers)]
     want_out = ["logits", *kv_output_names(geo.num_layers)]
@@ -409,7 +424,7 @@ def _check_io(model_ir: Any, geo: _KvGeometry) -> None:
         )
 
 
-def _strip_debug_metadata(model_ir: Any) -> None:
+def strip_debug_metadata(model_ir: Any) -> None:
     """Drop the dynamo exporter's per-node debug records (FX node, Python stack trace with local file
     paths, module names): for a toy model they are 40% of the file, and they leak the build machine's
     paths into a shipped artifact."""
@@ -419,7 +434,7 @@ def _strip_debug_metadata(model_ir: Any) -> None:
         node.metadata_props.clear()
 
 
-def _initializer_bytes(model_ir: Any) -> int:
+def initializer_bytes(model_ir: Any) -> int:
     return sum(int(v.const_value.nbytes) for v in model_ir.graph.initializers.values() if v.const_value is not None)
 
 
@@ -459,25 +474,32 @@ def export_text_decoder(
         raise OutputExistsError(f"{target} exists; choose another out_dir or pass overwrite=True (--overwrite)")
 
     started = time.perf_counter()
-    model = _load(model_dir, config)
-    geo = _geometry(model)
+    model = load_text_decoder(model_dir, config)
+    geo = kv_geometry(model)
     reference = model
     if config.dtype == "fp16":
         import copy
 
         model = copy.deepcopy(model).to(torch.float16)
     dtype = torch.float16 if config.dtype == "fp16" else torch.float32
-    wrapper = _make_wrapper(model, geo.num_layers)
-    args = _example_inputs(geo, dtype, _EXAMPLE_BATCH, _EXAMPLE_SEQ, _EXAMPLE_PAST)
-    log.info("exporting %s (%d layers, %d KV heads × %d) to ONNX opset %d, %s, exporter=%s",
-             model_dir, geo.num_layers, geo.kv_heads, geo.head_dim, config.opset, config.dtype, config.exporter)
+    log.info("exporting %s (%d layers, %d KV heads × %d) to ONNX opset %d, %s, %s",
+             model_dir, geo.num_layers, geo.kv_heads, geo.head_dim, config.opset, config.dtype,
+             "optimum" if config.backend == "optimum" else f"exporter={config.exporter}")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".skipit-onnx-", dir=out_dir) as tmp_name:
         tmp = Path(tmp_name)
-        model_ir, route = _trace(wrapper, args, geo, config, tmp)
-        _check_io(model_ir, geo)
-        _strip_debug_metadata(model_ir)
+        if config.backend == "optimum":
+            from skipit.exporters.onnx_optimum import export_with_optimum
+
+            with warnings_to_debug():
+                model_ir, route = export_with_optimum(model_dir, tmp, config.opset), "optimum"
+        else:
+            wrapper = _make_wrapper(model, geo.num_layers)
+            args = _example_inputs(geo, dtype, EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST)
+            model_ir, route = _trace(wrapper, args, geo, config, tmp)
+        check_graph_io(model_ir, geo)
+        strip_debug_metadata(model_ir)
         model_ir.metadata_props.update({
             "skipit.exporter": route,
             "skipit.num_hidden_layers": str(geo.num_layers),
@@ -485,22 +507,22 @@ def export_text_decoder(
         })
         external = config.external_data
         if external is None:
-            external = _initializer_bytes(model_ir) > _EXTERNAL_DATA_THRESHOLD
+            external = initializer_bytes(model_ir) > EXTERNAL_DATA_THRESHOLD
         staged = tmp / "staged"
         (staged / ONNX_SUBDIR).mkdir(parents=True)
         _save(model_ir, staged / ONNX_SUBDIR / MODEL_FILE, external)
         del model_ir
-        _copy_side_files(model_dir, staged)
+        copy_side_files(model_dir, staged)
         if config.verify:
-            _verify(reference, staged / ONNX_SUBDIR / MODEL_FILE, geo, config)
-        _move_into_place(staged, out_dir)
+            verify_against_torch(reference, staged / ONNX_SUBDIR / MODEL_FILE, geo, config)
+        move_into_place(staged, out_dir)
 
     log.info("ONNX export of %s done in %.1f s (%s exporter): %s", model_dir.name,
              time.perf_counter() - started, route, target)
     return target
 
 
-def _trace(wrapper: Any, args: tuple, geo: _KvGeometry, config: OnnxExportConfig, tmp: Path) -> tuple[Any, str]:
+def _trace(wrapper: Any, args: tuple, geo: KvGeometry, config: OnnxExportConfig, tmp: Path) -> tuple[Any, str]:
     """Run the chosen exporter (with auto's fallback); return (onnx_ir model, route used)."""
     import torch
 
@@ -538,7 +560,7 @@ def _save(model_ir: Any, path: Path, external: bool) -> None:
         ir.save(model_ir, path)
 
 
-def _copy_side_files(model_dir: Path, dest: Path) -> None:
+def copy_side_files(model_dir: Path, dest: Path) -> None:
     """config.json, generation_config.json and tokenizer files, for optimum / transformers.js.
 
     transformers 5.x writes ``"tokenizer_class": "TokenizersBackend"``, which transformers 4.x (optimum's
@@ -563,7 +585,7 @@ def _copy_side_files(model_dir: Path, dest: Path) -> None:
         log.warning("%s has no tokenizer files; the ONNX folder will need a tokenizer from elsewhere", model_dir)
 
 
-def _move_into_place(staged: Path, out_dir: Path) -> None:
+def move_into_place(staged: Path, out_dir: Path) -> None:
     """Move every staged file to the same place under out_dir (os.replace: atomic per file)."""
     onnx_dir = out_dir / ONNX_SUBDIR
     onnx_dir.mkdir(parents=True, exist_ok=True)
@@ -581,7 +603,7 @@ def _move_into_place(staged: Path, out_dir: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 # Verification
 # --------------------------------------------------------------------------------------------------
-def _verify(reference: Any, onnx_path: Path, geo: _KvGeometry, config: OnnxExportConfig) -> None:
+def verify_against_torch(reference: Any, onnx_path: Path, geo: KvGeometry, config: OnnxExportConfig) -> None:
     """Prefill of a batch of 2 (row 0 left-padded) with an empty past, then one cached decode step;
     compare logits of real tokens with the fp32 torch model."""
     import numpy as np
@@ -592,7 +614,7 @@ def _verify(reference: Any, onnx_path: Path, geo: _KvGeometry, config: OnnxExpor
     ids, mask, _, _ = _example_inputs(geo, torch.float32, batch=2, seq=6, past=0, left_pad=2, seed=1)
     next_ids = torch.randint(0, geo.vocab_size, (2, 1), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        cache_kw = _cache_kwarg(reference)
+        cache_kw = cache_kwarg(reference)
         cache = DynamicCache(config=reference.config)  # transformers' own (sliding layers cropped)
         out = reference(input_ids=ids, attention_mask=mask, position_ids=_positions(mask.numpy(), 6),
                         use_cache=True, **{cache_kw: cache})
@@ -638,7 +660,7 @@ def position_ids_from_mask(attention_mask: "np.ndarray", seq_len: int) -> "np.nd
 # --------------------------------------------------------------------------------------------------
 # Runner
 # --------------------------------------------------------------------------------------------------
-_KV_RE = re.compile(r"past_key_values\.(\d+)\.(key|value)")
+KV_NAME_RE = re.compile(r"past_key_values\.(\d+)\.(key|value)")
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16"}
 
 
@@ -667,7 +689,7 @@ class OrtDecoderRunner:
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.input_names = list(inputs)
         self.output_names = [o.name for o in self.session.get_outputs()]
-        layers = sorted({int(m.group(1)) for n in inputs if (m := _KV_RE.fullmatch(n))})
+        layers = sorted({int(m.group(1)) for n in inputs if (m := KV_NAME_RE.fullmatch(n))})
         if layers != list(range(len(layers))) or "input_ids" not in inputs:
             raise ExportError(
                 f"{self.path.name} is not a merged decoder graph with KV cache (inputs: {self.input_names[:6]}…)"

@@ -74,31 +74,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
+from skipit.compat import torchscript_patches
 from skipit.errors import ExportError, InvalidOptionError, ModelLoadError, UnsupportedArchitectureError
 from skipit.exporters.onnx_text import (
     BATCH,
+    EXAMPLE_BATCH,
+    EXAMPLE_PAST,
+    EXAMPLE_SEQ,
+    EXTERNAL_DATA_THRESHOLD,
+    KV_NAME_RE,
     ONNX_SUBDIR,
     PAST,
     PRESENT_LEN,
     SEQ,
     TOTAL,
-    OnnxExportConfig,
-    _EXAMPLE_BATCH,
-    _EXAMPLE_PAST,
-    _EXAMPLE_SEQ,
-    _EXTERNAL_DATA_THRESHOLD,
-    _KV_RE,
+    cache_kwarg,
+    copy_side_files,
     forward_with_past,
-    _cache_kwarg,
-    _copy_side_files,
-    _geometry,
-    _initializer_bytes,
-    _KvGeometry,
-    _strip_debug_metadata,
-    _warnings_to_debug,
+    initializer_bytes,
+    kv_geometry,
     kv_input_names,
     kv_output_names,
+    KvGeometry,
+    OnnxExportConfig,
     position_ids_from_mask,
+    strip_debug_metadata,
+    warnings_to_debug,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -430,7 +431,7 @@ def _decoder_wrapper(model: Any) -> "torch.nn.Module":
     """inputs_embeds + mask + positions + flat past → logits + flat present (the model's own forward)."""
     import torch
 
-    cache_kwarg = _cache_kwarg(model)
+    kwarg = cache_kwarg(model)
 
     class DecoderWithPast(torch.nn.Module):
         def __init__(self) -> None:
@@ -444,7 +445,7 @@ def _decoder_wrapper(model: Any) -> "torch.nn.Module":
             position_ids: torch.Tensor,
             past_key_values: list[tuple[torch.Tensor, torch.Tensor]],
         ) -> tuple[torch.Tensor, ...]:
-            return forward_with_past(self.model, cache_kwarg, past_key_values, inputs_embeds=inputs_embeds,
+            return forward_with_past(self.model, kwarg, past_key_values, inputs_embeds=inputs_embeds,
                                      attention_mask=attention_mask, position_ids=position_ids)
 
     return DecoderWithPast().eval()
@@ -490,7 +491,7 @@ def _export_graph(graph: _Graph, route: str, config: OnnxExportConfig, tmp: Path
     import onnx_ir as ir
     import torch
 
-    with _warnings_to_debug(), torch.no_grad(), graph.patches():
+    with warnings_to_debug(), torch.no_grad(), graph.patches():
         if route == "dynamo":
             program = torch.onnx.export(
                 graph.wrapper, graph.args, dynamo=True,
@@ -502,12 +503,13 @@ def _export_graph(graph: _Graph, route: str, config: OnnxExportConfig, tmp: Path
             _rename_dims(model_ir, graph.axes)
             return model_ir
         path = tmp / f"legacy-{graph.file}"
-        torch.onnx.export(
-            graph.wrapper, graph.args, str(path), dynamo=False,
-            input_names=graph.input_names, output_names=graph.output_names,
-            dynamic_axes={k: dict(v) for k, v in graph.axes.items()},
-            opset_version=config.opset, do_constant_folding=True,
-        )
+        with torchscript_patches():
+            torch.onnx.export(
+                graph.wrapper, graph.args, str(path), dynamo=False,
+                input_names=graph.input_names, output_names=graph.output_names,
+                dynamic_axes={k: dict(v) for k, v in graph.axes.items()},
+                opset_version=config.opset, do_constant_folding=True,
+            )
         return ir.load(path)
 
 
@@ -527,7 +529,7 @@ def _rename_dims(model_ir: Any, axes: Mapping[str, Mapping[int, str]]) -> None:
         value.shape = ir.Shape(shape)
 
 
-def _check_io(model_ir: Any, graph: _Graph) -> None:
+def check_graph_io(model_ir: Any, graph: _Graph) -> None:
     got_in = [v.name for v in model_ir.graph.inputs]
     got_out = [v.name for v in model_ir.graph.outputs]
     if got_in != graph.input_names or got_out != graph.output_names:
@@ -562,7 +564,7 @@ def _trace(graph: _Graph, routes: list[str], config: OnnxExportConfig, tmp: Path
                 continue
             raise ExportError(f"ONNX export of {graph.file} failed: " + "; ".join(errors)) from exc
         log.info("%s: %s exporter traced the graph in %.1f s", graph.file, route, time.perf_counter() - t0)
-        _check_io(model_ir, graph)
+        check_graph_io(model_ir, graph)
         return model_ir, route
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -570,7 +572,7 @@ def _trace(graph: _Graph, routes: list[str], config: OnnxExportConfig, tmp: Path
 # --------------------------------------------------------------------------------------------------
 # Example inputs and graph descriptions
 # --------------------------------------------------------------------------------------------------
-def _decoder_args(geo: _KvGeometry, hidden: int, dtype: "torch.dtype", mrope: bool, batch: int, seq: int,
+def _decoder_args(geo: KvGeometry, hidden: int, dtype: "torch.dtype", mrope: bool, batch: int, seq: int,
                   past: int, left_pad: int = 0, seed: int = 0) -> tuple:
     """(inputs_embeds, attention_mask, position_ids, past); row 0 left-padded by ``left_pad``.
 
@@ -592,14 +594,14 @@ def _decoder_args(geo: _KvGeometry, hidden: int, dtype: "torch.dtype", mrope: bo
     return embeds, mask, positions, kv
 
 
-def _graphs(model: Any, spec: _VlmSpec, geo: _KvGeometry, dtype: "torch.dtype") -> list[_Graph]:
+def _graphs(model: Any, spec: _VlmSpec, geo: KvGeometry, dtype: "torch.dtype") -> list[_Graph]:
     import torch
 
     hidden = int(model.config.get_text_config(decoder=True).hidden_size)
     trace_vision, _ = spec.example_vision(model)
     vision_args = tuple(_cast(trace_vision[n], dtype) for n in spec.vision_inputs)
     vision_axes = {**{k: dict(v) for k, v in spec.vision_axes.items()}, "image_features": {0: IMAGE_TOKENS}}
-    ids = torch.randint(0, geo.vocab_size, (_EXAMPLE_BATCH, _EXAMPLE_SEQ), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, geo.vocab_size, (EXAMPLE_BATCH, EXAMPLE_SEQ), generator=torch.Generator().manual_seed(0))
     positions_axes = {1: BATCH, 2: SEQ} if spec.mrope else {0: BATCH, 1: SEQ}
     decoder_axes: dict[str, dict[int, str]] = {
         "inputs_embeds": {0: BATCH, 1: SEQ},
@@ -615,7 +617,7 @@ def _graphs(model: Any, spec: _VlmSpec, geo: _KvGeometry, dtype: "torch.dtype") 
         _Graph("embed", EMBED_FILE, _embed_wrapper(model), (ids,), ["input_ids"], ["inputs_embeds"],
                {"input_ids": {0: BATCH, 1: SEQ}, "inputs_embeds": {0: BATCH, 1: SEQ}}),
         _Graph("decoder", DECODER_FILE, _decoder_wrapper(model),
-               _decoder_args(geo, hidden, dtype, spec.mrope, _EXAMPLE_BATCH, _EXAMPLE_SEQ, _EXAMPLE_PAST),
+               _decoder_args(geo, hidden, dtype, spec.mrope, EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST),
                ["inputs_embeds", "attention_mask", "position_ids", *kv_input_names(geo.num_layers)],
                ["logits", *kv_output_names(geo.num_layers)], decoder_axes),
     ]
@@ -655,7 +657,7 @@ def _copy_files(model_dir: Path, dest: Path) -> None:
     """onnx_text's config/tokenizer files plus the processor files a VLM needs."""
     from skipit.compressor.loading import PROCESSOR_FILE_PATTERNS
 
-    _copy_side_files(model_dir, dest)
+    copy_side_files(model_dir, dest)
     for pattern in PROCESSOR_FILE_PATTERNS:
         for src in model_dir.glob(pattern):
             if src.is_file() and not (dest / src.name).exists():
@@ -666,14 +668,14 @@ def _save(model_ir: Any, path: Path, external: bool | None) -> None:
     import onnx_ir as ir
 
     if external is None:
-        external = _initializer_bytes(model_ir) > _EXTERNAL_DATA_THRESHOLD
+        external = initializer_bytes(model_ir) > EXTERNAL_DATA_THRESHOLD
     if external:
         ir.save(model_ir, path, external_data=path.name + "_data")
     else:
         ir.save(model_ir, path)
 
 
-def _move_into_place(staged: Path, out_dir: Path) -> None:
+def move_into_place(staged: Path, out_dir: Path) -> None:
     """Move staged files under out_dir (atomic per file): weights first, graphs after, decoder last."""
     onnx_dir = out_dir / ONNX_SUBDIR
     onnx_dir.mkdir(parents=True, exist_ok=True)
@@ -697,7 +699,7 @@ def _tolerance(config: OnnxExportConfig, reference: "np.ndarray") -> float:
     return 1e-3 if config.dtype == "fp32" else 2e-2 * max(1.0, float(np.abs(reference).max()))
 
 
-def _verify(model: Any, spec: _VlmSpec, geo: _KvGeometry, onnx_dir: Path, config: OnnxExportConfig) -> dict[str, float]:
+def _verify(model: Any, spec: _VlmSpec, geo: KvGeometry, onnx_dir: Path, config: OnnxExportConfig) -> dict[str, float]:
     """Compare every graph with the (unpatched, fp32) torch model; raise ExportError on mismatch."""
     import numpy as np
     import torch
@@ -728,7 +730,7 @@ def _verify(model: Any, spec: _VlmSpec, geo: _KvGeometry, onnx_dir: Path, config
     positions2 = positions[..., -1:] + 1
     with torch.no_grad():
         cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-        kw = {_cache_kwarg(model): cache, "use_cache": True}
+        kw = {cache_kwarg(model): cache, "use_cache": True}
         ref1 = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **kw).logits.numpy()
         ref2 = model(inputs_embeds=embeds2, attention_mask=mask2, position_ids=positions2, **kw).logits.numpy()
     logits, present = runner.decode_step(embeds.numpy(), mask.numpy(), positions.numpy())
@@ -789,7 +791,7 @@ def export_vlm(
 
     started = time.perf_counter()
     model, arch, spec = _load(model_dir, config)
-    geo = _geometry(model)
+    geo = kv_geometry(model)
     dtype = torch.float16 if config.dtype == "fp16" else torch.float32
     traced = copy.deepcopy(model).to(dtype) if config.dtype == "fp16" else model
     graphs = _graphs(traced, spec, geo, dtype)
@@ -804,7 +806,7 @@ def export_vlm(
         (staged / ONNX_SUBDIR).mkdir(parents=True)
         for graph in graphs:
             model_ir, route = _trace(graph, routes[graph.key], config, tmp)
-            _strip_debug_metadata(model_ir)
+            strip_debug_metadata(model_ir)
             model_ir.metadata_props.update({
                 "skipit.exporter": route,
                 "skipit.architecture": arch,
@@ -816,7 +818,7 @@ def export_vlm(
         _copy_files(model_dir, staged)
         if config.verify:
             _verify(model, spec, geo, staged / ONNX_SUBDIR, config)
-        _move_into_place(staged, out_dir)
+        move_into_place(staged, out_dir)
 
     log.info("split ONNX export of %s done in %.1f s: %s", model_dir.name, time.perf_counter() - started,
              out_dir / ONNX_SUBDIR)
@@ -926,7 +928,7 @@ class OrtVlmRunner:
 
         self._vision_types = {i.name: _NP_DTYPES.get(i.type, "float32") for i in self.vision.get_inputs()}
         dec_inputs = {i.name: i for i in self.decoder.get_inputs()}
-        layers = sorted({int(m.group(1)) for n in dec_inputs if (m := _KV_RE.fullmatch(n))})
+        layers = sorted({int(m.group(1)) for n in dec_inputs if (m := KV_NAME_RE.fullmatch(n))})
         if layers != list(range(len(layers))) or "inputs_embeds" not in dec_inputs:
             raise ExportError(f"{DECODER_FILE} is not a merged decoder graph taking inputs_embeds")
         self.num_layers = len(layers)
