@@ -52,7 +52,9 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-top1", type=float, help="lower bound on top-1 agreement with the original")
     g.add_argument("--protect", type=_int_list, default=(0, -1), help="layers never removed (default: 0,-1)")
     g.add_argument("--confidence", type=float, default=0.95)
-    g.add_argument("--probe-width", type=int, default=1, help="candidates verified per step (default 1)")
+    g.add_argument("--probe-width", type=int,
+                   help="best-ranked candidates tried per step: screened on a quarter of the calibration data, the "
+                        "best two verified on all of it (default 6; 1 = fastest, one candidate verified per step)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--export", type=lambda t: tuple(x for x in t.split(",") if x), default=(),
                    help="also export: onnx, or onnx,trt (engines need TensorRT and a GPU; skipped with a message otherwise)")
@@ -77,8 +79,9 @@ def _options(args: argparse.Namespace, compress: bool) -> Any:
     policy = CertifyPolicy()
     if compress:
         max_kl = args.max_kl if args.max_kl is not None or args.max_layers is not None else 0.05
+        width = {} if args.probe_width is None else {"probe_width": args.probe_width}
         policy = CertifyPolicy(max_kl=max_kl, max_layers=args.max_layers, min_top1=args.min_top1, protect=args.protect,
-                               confidence=args.confidence, probe_width=args.probe_width)
+                               confidence=args.confidence, **width)
     return CompressOptions(
         load=LoadOptions(args.dtype, args.device, args.trust_remote_code, args.allow_pickle),
         data=DataOptions(args.calib, args.calib_limit, args.batch_size, args.max_length),

@@ -37,7 +37,12 @@ class CertifyPolicy:
         protect: layers never removed (negative indices count from the end).
         confidence: one-sided confidence of the bounds.
         max_rejections: candidate layers that may fail the bound before the search stops.
-        probe_width: candidates verified per step (1 = cheapest; more = closer to greedy search).
+        probe_width: best-ranked candidates tried per step (1 = cheapest; more = closer to greedy search).
+            With more than ``verify_top`` candidates, each is first *screened*: removed on the first
+            ``screen_fraction`` of the calibration batches only; the ``verify_top`` least damaging are
+            then verified on the whole calibration split.
+        verify_top: candidates per step verified on the whole calibration split after screening.
+        screen_fraction: share of the calibration batches a screening pass uses (at least one batch).
         max_vision_attention: cross-modal condition (VLMs): a layer whose text queries put more than
             this share of their attention on vision tokens is not a candidate (it carries the
             image into the text stream). None disables the condition.
@@ -49,7 +54,9 @@ class CertifyPolicy:
     protect: tuple[int, ...] = (0, -1)
     confidence: float = 0.95
     max_rejections: int = 2
-    probe_width: int = 1
+    probe_width: int = 6
+    verify_top: int = 2
+    screen_fraction: float = 0.25
     max_vision_attention: float | None = 0.5
 
     def __post_init__(self) -> None:
@@ -61,8 +68,10 @@ class CertifyPolicy:
             raise InvalidOptionError(f"--max-layers must be ≥ 1, got {self.max_layers}")
         if not 0.5 <= self.confidence < 1:
             raise InvalidOptionError(f"confidence must be in [0.5, 1), got {self.confidence}")
-        if self.probe_width < 1:
-            raise InvalidOptionError("probe_width must be ≥ 1")
+        if self.probe_width < 1 or self.verify_top < 1:
+            raise InvalidOptionError("probe_width and verify_top must be ≥ 1")
+        if not 0 < self.screen_fraction <= 1:
+            raise InvalidOptionError(f"screen_fraction must be in (0, 1], got {self.screen_fraction}")
 
     def protected(self, n_layers: int) -> set[int]:
         """Protected layer indices, resolved for a model with ``n_layers`` layers."""
@@ -166,7 +175,8 @@ def certify(
     protected = policy.protected(n)
     budget = min(policy.max_layers or n, n - len(protected) - 1)
     cfg = AnalyzeConfig(config.eps, config.lens_tokens, policy.confidence, config.n_boot)
-    passes = {"calibration": 0, "holdout": 0}
+    passes = {"calibration": 0, "screen": 0, "holdout": 0}
+    screen_batches = max(1, round(policy.screen_fraction * len(calibration)))
 
     def do_pass(split: str, batches: Sequence[Any], removed: list[int], **kw: Any) -> PassResult:
         passes[split] += 1
@@ -186,6 +196,12 @@ def certify(
         if not ranking:
             break
         tries = sorted(ranking, key=ranking.get)[: policy.probe_width]
+        if len(tries) > policy.verify_top and screen_batches < len(calibration):
+            screened = {c: do_pass("screen", calibration[:screen_batches], chosen + [c], reference=reference[:screen_batches],
+                                   layer_scores=False).divergence.kl.mean for c in tries}
+            tries = sorted(tries, key=screened.get)[: policy.verify_top]
+        else:  # a one-batch calibration split has no smaller part to screen on
+            tries = tries[: policy.verify_top]
         trials = {c: do_pass("calibration", calibration, chosen + [c], reference=reference) for c in tries}
         best = min(trials, key=lambda c: (trials[c].divergence.kl.hi, ranking[c]))
         result = trials[best]
@@ -219,7 +235,9 @@ def certify(
         policy={**asdict(policy), "protect_resolved": sorted(protected), "eps": cfg.eps},
         holdout={**div.as_dict(), "tokens": verdict.tokens["text"], "split": "holdout"},
         calibration=current_div.as_dict() if current_div else {},
-        passes={**passes, "total": passes["calibration"] + passes["holdout"]},
+        passes={**passes, "total": passes["calibration"] + passes["screen"] + passes["holdout"],
+                # forward work over the calibration split, in full-split passes (a screen is a fraction of one)
+                "calibration_equivalent": passes["calibration"] + passes["screen"] * screen_batches / len(calibration)},
         steps=steps,
         initial_scores=[ls.as_dict() for ls in base.layers],
         conditions=_conditions(base, chosen, cross_modal, steps),
