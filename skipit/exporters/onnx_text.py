@@ -171,6 +171,8 @@ def kv_output_names(num_layers: int) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class KvGeometry:
+    """Shape of a decoder's KV cache: one ``[batch, kv_heads, length, head_dim]`` pair per layer."""
+
     num_layers: int
     kv_heads: int
     head_dim: int
@@ -271,6 +273,8 @@ def _make_wrapper(model: Any, num_layers: int) -> "torch.nn.Module":
 
 
 def load_text_decoder(model_dir: Path, config: OnnxExportConfig) -> Any:
+    """The fp32 causal LM in ``model_dir``, loaded for export (``config.attn_implementation``); clear
+    errors for multimodal or unloadable checkpoints."""
     import torch
     from transformers import AutoModelForCausalLM
 
