@@ -58,6 +58,7 @@ def export_with_optimum(model_dir: Path, work_dir: Path, opset: int) -> Any:
         ) from None
     source = _portable_copy(model_dir, work_dir / "optimum-src")
     out = work_dir / "optimum-out"
+    log.info("exporting %s with optimum's %s exporter (opset %d)", model_dir, _TASK, opset)
     # skipit verifies the graph itself, against the model as the running transformers loads it
     main_export(str(source), out, task=_TASK, opset=opset, device="cpu", do_validation=False,
                 trust_remote_code=False, library_name="transformers")
