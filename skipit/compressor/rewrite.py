@@ -92,12 +92,15 @@ def save_checkpoint(model: Any, processor: Any, source_dir: Path | None, out_dir
 
 
 def _portable_tokenizer_class(out_dir: Path) -> None:
-    # transformers 5.x writes "TokenizersBackend", which 4.x (and optimum) refuse;
-    # "PreTrainedTokenizerFast" loads in 4.57, 5.x, transformers.js and onnxruntime-genai alike.
+    # A tokenizer skipit saved itself (rebuilt from GGUF metadata) is a plain tokenizer.json, whatever class
+    # transformers names: 5.x writes "TokenizersBackend", which 4.x (and optimum) refuse; 4.57 writes the
+    # GGUF architecture's class ("LlamaTokenizer" for SmolLM2's GPT-2-style BPE), which transformers.js
+    # would treat as SentencePiece. "PreTrainedTokenizerFast" loads in 4.57, 5.x, transformers.js and
+    # onnxruntime-genai alike and runs tokenizer.json as saved.
     path = out_dir / "tokenizer_config.json"
-    if path.exists():
+    if path.exists() and (out_dir / "tokenizer.json").exists():
         cfg = json.loads(path.read_text())
-        if cfg.get("tokenizer_class") == "TokenizersBackend":
+        if cfg.get("tokenizer_class") != "PreTrainedTokenizerFast":
             cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
             path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
 
