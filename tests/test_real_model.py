@@ -72,6 +72,7 @@ def test_slim_model_generates_in_a_fresh_process(slim_run) -> None:
     assert facts["text"].startswith("The capital of France is") and len(facts["out"]) >= len(facts["ids"]) + 4
     tok_cfg = json.loads((out / "model" / "tokenizer_config.json").read_text())
     assert tok_cfg.get("tokenizer_class") == "PreTrainedTokenizerFast"
+    assert tok_cfg.get("model_input_names") == ["input_ids", "attention_mask"]
 
     from skipit.exporters.onnx_text import OrtDecoderRunner
 

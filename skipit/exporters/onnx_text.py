@@ -584,6 +584,7 @@ def copy_side_files(model_dir: Path, dest: Path) -> None:
         data = json.loads(tok_cfg.read_text())
         if data.get("tokenizer_class") == "TokenizersBackend":
             data["tokenizer_class"] = "PreTrainedTokenizerFast"
+            data.setdefault("model_input_names", ["input_ids", "attention_mask"])  # 4.x would add token_type_ids
             tok_cfg.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     if not any(n in copied for n in ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")):
         log.warning("%s has no tokenizer files; the ONNX folder will need a tokenizer from elsewhere", model_dir)
