@@ -6,13 +6,38 @@ Only this module knows about terminals: progress bars and tables are fed by the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 EXIT_OK, EXIT_CRASH, EXIT_ERROR, EXIT_NOTHING = 0, 1, 2, 3
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT / SIGTERM, as shells report them
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` and context manager cleans up."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_cleans_up() -> Iterator[None]:
+    """Within the block, SIGTERM unwinds the stack like SIGINT (temporary folders removed, locks freed)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -166,16 +191,17 @@ def _run(args: argparse.Namespace, job: Callable[[Any, Any], Any]) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)], force=True)
     try:
-        with _Progress(console) as progress:
+        with _sigterm_cleans_up(), _Progress(console) as progress:
             return job(progress, console)
     except SkipitError as exc:
         if args.debug:
             raise
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return exc.exit_code
-    except KeyboardInterrupt:
-        console.print("[red]interrupted[/]: nothing was written")
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        console.print(f"[red]{'terminated' if terminated else 'interrupted'}[/]: nothing was written")
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - one clear line instead of a traceback
         if args.debug:
             raise
@@ -203,6 +229,7 @@ def _compress(args: argparse.Namespace) -> int:
 
 def _analyze(args: argparse.Namespace) -> int:
     def job(progress: Any, console: Any) -> int:
+        from skipit.atomic import write_atomic
         from skipit.pipeline import analyze_model
 
         if args.out_json.exists() and not args.overwrite:
@@ -210,9 +237,7 @@ def _analyze(args: argparse.Namespace) -> int:
 
             raise OutputExistsError(f"{args.out_json} already exists; pass --overwrite to replace it")
         report = analyze_model(args.model, _options(args, compress=False), progress=progress, with_oracle=args.oracle)
-        tmp = args.out_json.with_name(f".{args.out_json.name}.tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        tmp.replace(args.out_json)
+        write_atomic(args.out_json, json.dumps(report, indent=2))
         if args.json:
             print(json.dumps(report))
         else:

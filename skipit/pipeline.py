@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import shutil
-import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from skipit.compressor.analyze import AnalyzeConfig, run_pass
 from skipit.compressor.arch import decoder_spec
@@ -17,7 +14,8 @@ from skipit.compressor.certify import Certificate, CertifyPolicy, certify
 from skipit.compressor.loading import LoadedModel, LoadOptions, load_model
 from skipit.compressor.manifest import build_manifest, model_card, write_manifest
 from skipit.compressor.rewrite import remove_layers_, save_checkpoint, verify_reload
-from skipit.errors import InvalidOptionError, ModelLoadError, OutputExistsError
+from skipit.atomic import OutputDir, write_atomic
+from skipit.errors import InvalidOptionError, ModelLoadError
 from skipit.validators.report import write_report
 
 log = logging.getLogger(__name__)
@@ -34,6 +32,16 @@ class DataOptions:
     batch_size: int = 8
     max_length: int = 128
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 6:
+            raise InvalidOptionError(f"--calib-limit must be ≥ 6 (calibration, holdout and test splits each need "
+                                     f"samples), got {self.limit}")
+        if self.batch_size < 1:
+            raise InvalidOptionError(f"--batch-size must be ≥ 1, got {self.batch_size}")
+        if self.max_length < 2:
+            raise InvalidOptionError(f"--max-length must be ≥ 2 tokens (a next-token prediction needs two), "
+                                     f"got {self.max_length}")
 
 
 @dataclass(frozen=True)
@@ -71,35 +79,16 @@ class CompressResult:
         return 0 if self.validation is None else self.validation.exit_code
 
 
-def check_out_dir(out_dir: Path, source: Path, overwrite: bool) -> None:
-    """Refuse an existing ``out_dir`` (unless ``overwrite``) and any overlap with the input."""
+def output_dir(out_dir: Path, source: Path, options: CompressOptions) -> OutputDir:
+    """The guarded output folder of a run (:class:`skipit.atomic.OutputDir`; entering it checks and locks).
+
+    ``out_dir`` may not overlap the model, nor be or hold the calibration file or its folder.
+    """
     if not source.exists():
         raise ModelLoadError(f"{source} does not exist; give a model directory (config.json + *.safetensors) or a .gguf file")
-    out_r, src_r = out_dir.resolve(), source.resolve()
-    overlap = out_r == src_r or src_r in out_r.parents or out_r in src_r.parents
-    if overlap:
-        raise InvalidOptionError(f"output {out_dir} overlaps the input {source}; choose a directory outside it")
-    if out_dir.exists() and not overwrite:
-        raise OutputExistsError(f"{out_dir} already exists; choose another directory or pass --overwrite to replace it")
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir: Path) -> Iterator[Path]:
-    """Yield a temporary directory next to ``out_dir``; move it into place only if the block succeeds."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.skipit-tmp-", dir=out_dir.parent))
-    try:
-        yield tmp
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.skipit-old")
-            shutil.rmtree(old, ignore_errors=True)
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    calib = options.data.path
+    return OutputDir(out_dir, overwrite=options.overwrite, inputs=[source],
+                     protect=[calib, calib.parent] if calib is not None else [])
 
 
 def prepare(model_path: Path, options: CompressOptions) -> tuple[LoadedModel, Any, Any]:
@@ -120,20 +109,27 @@ def encode_split(loaded: LoadedModel, spec: Any, data: Any, split: str, options:
 
 def compress(model_path: str | Path, out_dir: str | Path, options: CompressOptions = CompressOptions(),
              progress: Progress | None = None) -> CompressResult:
-    """Certify, remove and save: the job behind ``skipit-compress MODEL OUT``."""
-    model_path, out_dir = Path(model_path), Path(out_dir)
+    """Certify, remove and save: the job behind ``skipit-compress MODEL OUT``.
+
+    ``out_dir`` is locked and checked before loading, built in a staging folder beside it and moved
+    into place at the end; an existing folder is replaced only with ``overwrite`` and only if skipit
+    wrote it. Paths are recorded resolved.
+    """
+    model_path, out_dir = Path(model_path).resolve(), Path(out_dir)
+    if options.data.path is not None:
+        options = replace(options, data=replace(options.data, path=Path(options.data.path).resolve()))
     emit = progress or (lambda kind, info: None)
-    check_out_dir(out_dir, model_path, options.overwrite)
-    emit("stage", {"name": f"loading {model_path}"})
-    loaded, spec, data = prepare(model_path, options)
-    calibration = encode_split(loaded, spec, data, "calibration", options)
-    holdout = encode_split(loaded, spec, data, "holdout", options)
-    emit("stage", {"name": "certifying"})
-    cert = certify(loaded.model, spec, calibration, holdout, options.policy, options.analyze, on_event=emit)
-    cert.data = data.describe()
-    emit("stage", {"name": f"removing layers {cert.layers} and saving"})
-    config_diff = remove_layers_(loaded.model, spec, cert.layers)
-    with atomic_dir(out_dir) as tmp:
+    with output_dir(out_dir, model_path, options) as output:
+        emit("stage", {"name": f"loading {model_path}"})
+        loaded, spec, data = prepare(model_path, options)
+        calibration = encode_split(loaded, spec, data, "calibration", options)
+        holdout = encode_split(loaded, spec, data, "holdout", options)
+        emit("stage", {"name": "certifying"})
+        cert = certify(loaded.model, spec, calibration, holdout, options.policy, options.analyze, on_event=emit)
+        cert.data = data.describe()
+        emit("stage", {"name": f"removing layers {cert.layers} and saving"})
+        config_diff = remove_layers_(loaded.model, spec, cert.layers)
+        tmp = output.staging
         save_checkpoint(loaded.model, loaded.processor, None if loaded.gguf_file else loaded.model_dir, tmp / "model")
         emit("stage", {"name": "reloading the checkpoint in a fresh process"})
         reload_facts = verify_reload(tmp / "model", loaded.model, spec, calibration[0].inputs)
@@ -147,12 +143,13 @@ def compress(model_path: str | Path, out_dir: str | Path, options: CompressOptio
             reload_check=reload_facts,
         )
         write_manifest(tmp, manifest)
-        (tmp / "README.md").write_text(model_card(manifest))
+        write_atomic(tmp / "README.md", model_card(manifest))
         exports = _export(tmp, options, emit)
         validation = _validate(model_path, tmp, options, emit) if options.validate else None
         emit("stage", {"name": "writing report.md / report.html"})
         write_report(tmp, manifest, validation=validation.as_dict() if validation else None,
                      speed=validation.speed.as_dict() if validation and validation.speed else None)
+        output.commit()
     return CompressResult(out_dir, cert, manifest, validation, exports)
 
 

@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from skipit.cli import main
-from skipit.pipeline import atomic_dir
+from skipit.atomic import OutputDir
 from tiny_models import build_tokenizer  # tests/ is on sys.path (conftest)
 
 LLAMA = "LlamaForCausalLM"
@@ -168,24 +168,28 @@ def test_nothing_removable_has_its_own_exit_code(capsys, tiny_model_dir, tmp_pat
 
 def test_interrupted_write_leaves_no_out_dir(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt), atomic_dir(out) as tmp:
-        (tmp / "model").mkdir()
-        (tmp / "model" / "half.safetensors").write_bytes(b"partial")
+    with pytest.raises(KeyboardInterrupt), OutputDir(out) as output:
+        (output.staging / "model").mkdir()
+        (output.staging / "model" / "half.safetensors").write_bytes(b"partial")
         raise KeyboardInterrupt
     _assert_nothing_written(tmp_path, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "no lock or staging file may stay behind"
 
 
 def test_overwrite_replaces_only_when_complete(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
+    (out / "skipit_manifest.json").write_text("{}")
     (out / "old.txt").write_text("old")
-    with pytest.raises(RuntimeError), atomic_dir(out) as tmp:
-        (tmp / "new.txt").write_text("new")
+    with pytest.raises(RuntimeError), OutputDir(out, overwrite=True) as output:
+        (output.staging / "new.txt").write_text("new")
         raise RuntimeError("crash mid-write")
     assert (out / "old.txt").read_text() == "old", "a failed run must leave the previous output intact"
-    with atomic_dir(out) as tmp:
-        (tmp / "new.txt").write_text("new")
+    with OutputDir(out, overwrite=True) as output:
+        (output.staging / "new.txt").write_text("new")
+        output.commit()
     assert [p.name for p in out.iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_console_script_exit_code_without_traceback(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ import numpy as np
 
 from skipit.compressor.crossmodal import capture_vision_attention
 from skipit.compressor.stats import Estimate, bootstrap_ratio, rank01
+from skipit.errors import InvalidOptionError
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,12 @@ class AnalyzeConfig:
     lens_tokens: int = 8
     confidence: float = 0.95
     n_boot: int = 1000
+
+    def __post_init__(self) -> None:
+        if not 0 < self.eps < 2:  # cosine distance lies in [0, 2]; NaN fails every comparison
+            raise InvalidOptionError(f"--eps is a cosine-distance threshold in (0, 2), got {self.eps}")
+        if self.lens_tokens < 1 or self.n_boot < 1 or not 0 < self.confidence < 1:
+            raise InvalidOptionError("lens_tokens and n_boot must be ≥ 1 and confidence in (0, 1)")
 
 
 @dataclass

@@ -14,6 +14,7 @@ not, the last-added layer is dropped and the smaller set is verified again.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
@@ -62,8 +63,11 @@ class CertifyPolicy:
     def __post_init__(self) -> None:
         if self.max_kl is None and self.max_layers is None:
             raise InvalidOptionError("give a KL bound (--max-kl) or a layer budget (--max-layers), or both")
-        if self.max_kl is not None and self.max_kl <= 0:
-            raise InvalidOptionError(f"--max-kl must be > 0 nats, got {self.max_kl}")
+        if self.max_kl is not None and not (math.isfinite(self.max_kl) and self.max_kl > 0):
+            raise InvalidOptionError(f"--max-kl must be a finite number of nats > 0, got {self.max_kl}; to remove a "
+                                     "number of layers without a KL bound, give --max-layers alone")
+        if self.min_top1 is not None and not 0 <= self.min_top1 <= 1:
+            raise InvalidOptionError(f"--min-top1 is an agreement rate in [0, 1], got {self.min_top1}")
         if self.max_layers is not None and self.max_layers < 1:
             raise InvalidOptionError(f"--max-layers must be ≥ 1, got {self.max_layers}")
         if not 0.5 <= self.confidence < 1:

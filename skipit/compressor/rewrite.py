@@ -107,6 +107,18 @@ def _portable_tokenizer_class(out_dir: Path, input_names: list[str]) -> None:
             path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
 
 
+def _die_with_parent() -> None:
+    """In the child (Linux): receive SIGKILL when the parent dies, even by SIGKILL, so no orphan runs on."""
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+    except (OSError, AttributeError):
+        pass
+
+
 def verify_reload(model_dir: Path, model: Any, spec: Any, inputs: dict[str, Any], *, atol: float = 1e-4) -> dict[str, Any]:
     """Reload ``model_dir`` in a fresh process and compare its logits with ``model``'s on ``inputs``."""
     import torch
@@ -117,9 +129,10 @@ def verify_reload(model_dir: Path, model: Any, spec: Any, inputs: dict[str, Any]
     with tempfile.TemporaryDirectory(prefix="skipit-reload-") as tmp:
         in_path, out_path = Path(tmp) / "inputs.safetensors", Path(tmp) / "out.safetensors"
         save_file(tensors, str(in_path))
-        proc = subprocess.run(
+        proc = subprocess.run(  # on an exception here (Ctrl-C, SIGTERM) subprocess.run kills the child
             [sys.executable, str(script), str(model_dir), str(in_path), str(out_path)],
             capture_output=True, text=True, check=False,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
         if proc.returncode != 0:
             tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
