@@ -80,7 +80,19 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--probe-width", type=int,
                    help="best-ranked candidates tried per step: screened on a quarter of the calibration data, the "
                         "best two verified on all of it (default 6; 1 = fastest, one candidate verified per step)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    g = p.add_argument_group("healing (distil the slim model toward the original after removal)")
+    g.add_argument("--heal", action="store_true",
+                   help="heal: choose layers under --heal-slack × the bound, train the layers next to each gap toward "
+                        "the original's next-token distributions, then certify the healed model on held-out data")
+    g.add_argument("--heal-data", type=Path, help="extra unlabeled JSONL for healing (same format as --calib)")
+    g.add_argument("--heal-steps", type=int, help="optimizer steps, one calibration batch each (default 80)")
+    g.add_argument("--heal-minutes", type=float, help="stop healing after this many minutes")
+    g.add_argument("--heal-lr", type=float, help="learning rate (default 1e-4)")
+    g.add_argument("--heal-scope", choices=["adjacent", "all"], help="train the layers next to each gap (default) or all")
+    g.add_argument("--heal-method", choices=["full", "lora"], help="full weights (default) or low-rank updates merged back")
+    g.add_argument("--heal-slack", type=float, help="selection bound before healing, as a multiple of --max-kl (default 2)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT_DIR if it holds an earlier skipit output (never any other folder)")
     p.add_argument("--export", type=lambda t: tuple(x for x in t.split(",") if x), default=(),
                    help="also export: onnx, or onnx,trt (engines need TensorRT and a GPU; skipped with a message otherwise)")
     p.add_argument("--validate", action="store_true",
@@ -108,6 +120,8 @@ def _options(args: argparse.Namespace, compress: bool) -> Any:
         policy = CertifyPolicy(max_kl=max_kl, max_layers=args.max_layers, min_top1=args.min_top1, protect=args.protect,
                                confidence=args.confidence, **width)
     return CompressOptions(
+        heal=_heal_config(args) if getattr(args, "heal", False) else None,
+        heal_data=getattr(args, "heal_data", None),
         load=LoadOptions(args.dtype, args.device, args.trust_remote_code, args.allow_pickle),
         data=DataOptions(args.calib, args.calib_limit, args.batch_size, args.max_length),
         policy=policy,
@@ -119,14 +133,24 @@ def _options(args: argparse.Namespace, compress: bool) -> Any:
     )
 
 
+def _heal_config(args: argparse.Namespace) -> Any:
+    from skipit.compressor.heal import HealConfig
+
+    given = {"steps": args.heal_steps, "minutes": args.heal_minutes, "lr": args.heal_lr, "scope": args.heal_scope,
+             "method": args.heal_method, "select_slack": args.heal_slack}
+    return HealConfig(**{k: v for k, v in given.items() if v is not None})
+
+
 class _Progress:
     """Rich progress bars fed by the library's progress events (on stderr, so --json stays clean)."""
 
     def __init__(self, console: Any) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
 
         self.console = console
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            TimeRemainingColumn(),
                             console=console, transient=False)
         self.task: Any = None
 
@@ -152,7 +176,16 @@ class _Progress:
             self.bar.console.log(f"layer {info['candidate']}: KL {info['kl']:.4f} (≤ {info['kl_hi']:.4f}), "
                                  f"top-1 {info['top1']:.3f} → {verdict}")
         elif kind == "verify":
-            self.bar.console.log(f"held-out check of {info['layers']}: KL {info['kl']:.4f} (≤ {info['kl_hi']:.4f})")
+            healed = " after healing" if info.get("healed") else ""
+            self.bar.console.log(f"held-out check of {info['layers']}{healed}: KL {info['kl']:.4f} (≤ {info['kl_hi']:.4f})")
+        elif kind == "heal_start":
+            if self.task is not None:
+                self.bar.update(self.task, visible=False)
+            self.bar.console.log(f"healing with {info['layers']} removed (held-out KL before: "
+                                 f"{info['holdout_kl_before']:.4f})")
+            self.task = self.bar.add_task("healing", total=info["steps"])
+        elif kind == "heal_step" and self.task is not None:
+            self.bar.update(self.task, completed=info["step"], description=f"healing (KL {info['loss']:.4f})")
 
 
 def _summary(console: Any, manifest: dict[str, Any], out_dir: Path) -> None:

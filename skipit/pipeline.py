@@ -9,8 +9,9 @@ from typing import Any, Callable
 
 from skipit.compressor.analyze import AnalyzeConfig, run_pass
 from skipit.compressor.arch import decoder_spec
-from skipit.compressor.calibration import encode, load_calibration
+from skipit.compressor.calibration import encode, load_calibration, read_jsonl
 from skipit.compressor.certify import Certificate, CertifyPolicy, certify
+from skipit.compressor.heal import HealConfig
 from skipit.compressor.loading import LoadedModel, LoadOptions, load_model
 from skipit.compressor.manifest import build_manifest, model_card, write_manifest
 from skipit.compressor.rewrite import remove_layers_, save_checkpoint, verify_reload
@@ -52,6 +53,8 @@ class CompressOptions:
     data: DataOptions = field(default_factory=DataOptions)
     policy: CertifyPolicy = field(default_factory=CertifyPolicy)
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
+    heal: HealConfig | None = None
+    heal_data: Path | None = None
     overwrite: bool = False
     export: tuple[str, ...] = ()
     backend: str = "torch"
@@ -61,6 +64,8 @@ class CompressOptions:
         unknown = set(self.export) - {"onnx", "trt"}
         if unknown:
             raise InvalidOptionError(f"--export {','.join(sorted(unknown))} is not supported; use onnx or onnx,trt")
+        if self.heal_data is not None and self.heal is None:
+            raise InvalidOptionError("--heal-data gives text for healing: add --heal")
         if self.backend != "torch" and "onnx" not in self.export:
             raise InvalidOptionError(f"--backend {self.backend} chooses the ONNX exporter: add --export onnx")
 
@@ -82,13 +87,13 @@ class CompressResult:
 def output_dir(out_dir: Path, source: Path, options: CompressOptions) -> OutputDir:
     """The guarded output folder of a run (:class:`skipit.atomic.OutputDir`; entering it checks and locks).
 
-    ``out_dir`` may not overlap the model, nor be or hold the calibration file or its folder.
+    ``out_dir`` may not overlap the model, nor be or hold a data file (calibration, healing) or its folder.
     """
     if not source.exists():
         raise ModelLoadError(f"{source} does not exist; give a model directory (config.json + *.safetensors) or a .gguf file")
-    calib = options.data.path
+    data_files = [p for p in (options.data.path, options.heal_data) if p is not None]
     return OutputDir(out_dir, overwrite=options.overwrite, inputs=[source],
-                     protect=[calib, calib.parent] if calib is not None else [])
+                     protect=data_files + [p.parent for p in data_files])
 
 
 def prepare(model_path: Path, options: CompressOptions) -> tuple[LoadedModel, Any, Any]:
@@ -102,8 +107,22 @@ def prepare(model_path: Path, options: CompressOptions) -> tuple[LoadedModel, An
 
 
 def encode_split(loaded: LoadedModel, spec: Any, data: Any, split: str, options: CompressOptions) -> list[Any]:
+    """Encode one split; each batch's ``sample_ids`` are indices into ``data.samples`` (the whole set)."""
     d = options.data
-    return encode(data.split(split), loaded.processor, spec, batch_size=d.batch_size, max_length=d.max_length,
+    batches = encode(data.split(split), loaded.processor, spec, batch_size=d.batch_size, max_length=d.max_length,
+                     device=options.load.device)
+    for batch in batches:
+        batch.sample_ids = [data.splits[split][i] for i in batch.sample_ids]
+    return batches
+
+
+def encode_heal_data(loaded: LoadedModel, spec: Any, options: CompressOptions) -> list[Any]:
+    """``--heal-data``: every line of the file, encoded like the calibration data (no split: none is held out)."""
+    if options.heal_data is None:
+        return []
+    d = options.data
+    samples = read_jsonl(options.heal_data)
+    return encode(samples, loaded.processor, spec, batch_size=d.batch_size, max_length=d.max_length,
                   device=options.load.device)
 
 
@@ -118,14 +137,18 @@ def compress(model_path: str | Path, out_dir: str | Path, options: CompressOptio
     model_path, out_dir = Path(model_path).resolve(), Path(out_dir)
     if options.data.path is not None:
         options = replace(options, data=replace(options.data, path=Path(options.data.path).resolve()))
+    if options.heal_data is not None:
+        options = replace(options, heal_data=Path(options.heal_data).resolve())
     emit = progress or (lambda kind, info: None)
     with output_dir(out_dir, model_path, options) as output:
         emit("stage", {"name": f"loading {model_path}"})
         loaded, spec, data = prepare(model_path, options)
         calibration = encode_split(loaded, spec, data, "calibration", options)
         holdout = encode_split(loaded, spec, data, "holdout", options)
-        emit("stage", {"name": "certifying"})
-        cert = certify(loaded.model, spec, calibration, holdout, options.policy, options.analyze, on_event=emit)
+        heal_extra = encode_heal_data(loaded, spec, options)
+        emit("stage", {"name": "certifying" + (" (with healing)" if options.heal else "")})
+        cert = certify(loaded.model, spec, calibration, holdout, options.policy, options.analyze, on_event=emit,
+                       healing=options.heal, heal_extra=heal_extra)
         cert.data = data.describe()
         emit("stage", {"name": f"removing layers {cert.layers} and saving"})
         config_diff = remove_layers_(loaded.model, spec, cert.layers)

@@ -16,10 +16,11 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 from skipit.compressor.analyze import AnalyzeConfig, Divergence, PassResult, run_pass
+from skipit.compressor.heal import HealConfig, HealData, heal_
 from skipit.errors import InvalidOptionError, NothingToRemoveError
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,10 @@ class CertifyPolicy:
         share = stats.metrics.get("text", {}).get("vision_attention")
         return self.max_vision_attention is None or share is None or share.mean <= self.max_vision_attention
 
+    def loosened(self, factor: float) -> "CertifyPolicy":
+        """The same policy with the KL bound multiplied by ``factor`` (selection before healing)."""
+        return self if self.max_kl is None or factor == 1 else replace(self, max_kl=self.max_kl * factor)
+
     def admits(self, div: Divergence) -> bool:
         """Whether a measured divergence satisfies the bounds (upper KL bound, lower top-1 bound)."""
         ok = self.max_kl is None or div.kl.hi <= self.max_kl
@@ -135,6 +140,8 @@ class Certificate:
     conditions: list[dict[str, Any]] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    #: with healing: what was trained, and the KL of the certified set before and after healing
+    healing: dict[str, Any] | None = None
 
     @property
     def kl_bound(self) -> float:
@@ -153,7 +160,8 @@ class Certificate:
             f"Removing layers {self.layers} of {self.n_layers}: mean KL(original‖slim) = {h['kl']['mean']:.4f} nats/token, "
             f"≤ {h['kl']['hi']:.4f} with {self.policy['confidence']:.0%} confidence (one-sided bootstrap over "
             f"{h['kl']['n']} held-out samples, {h['tokens']} tokens); top-1 agreement {h['top1']['mean']:.3f} "
-            f"(≥ {h['top1']['lo']:.3f}). Holds for data like the held-out split it was measured on."
+            f"(≥ {h['top1']['lo']:.3f})" + (", measured after healing" if self.healing else "")
+            + ". Holds for data like the held-out split it was measured on."
         )
 
 
@@ -165,12 +173,19 @@ def certify(
     policy: CertifyPolicy = CertifyPolicy(),
     config: AnalyzeConfig = AnalyzeConfig(),
     on_event: Callable[[str, dict[str, Any]], None] | None = None,
+    healing: HealConfig | None = None,
+    heal_extra: Sequence[Any] = (),
 ) -> Certificate:
     """Choose and verify a set of layers to remove (see the module docstring).
 
     ``calibration`` and ``holdout`` are encoded batches. ``on_event(kind, info)`` reports progress
-    (kinds: ``pass_start``, ``batch``, ``step``, ``verify``). Raises :class:`NothingToRemoveError`
-    when no layer can be removed within the bound.
+    (kinds: ``pass_start``, ``batch``, ``step``, ``verify``, ``heal_step``). Raises
+    :class:`NothingToRemoveError` when no layer can be removed within the bound.
+
+    With ``healing``, layers are chosen under the bound loosened by ``healing.select_slack``; each
+    set tried on the held-out split is first healed (:func:`~skipit.compressor.heal.heal_`) on the
+    calibration split plus ``heal_extra`` batches, and the bound itself is checked on the healed
+    model. The model keeps the healed weights of the certified set (a failed set's are undone).
     """
     t0 = time.perf_counter()
     emit = on_event or (lambda kind, info: None)
@@ -181,6 +196,8 @@ def certify(
     cfg = AnalyzeConfig(config.eps, config.lens_tokens, policy.confidence, config.n_boot)
     passes = {"calibration": 0, "screen": 0, "holdout": 0}
     screen_batches = max(1, round(policy.screen_fraction * len(calibration)))
+    select_slack = healing.select_slack if healing else 1.0
+    select = policy.loosened(select_slack)
 
     def do_pass(split: str, batches: Sequence[Any], removed: list[int], **kw: Any) -> PassResult:
         passes[split] += 1
@@ -210,7 +227,7 @@ def certify(
         best = min(trials, key=lambda c: (trials[c].divergence.kl.hi, ranking[c]))
         result = trials[best]
         div = result.divergence
-        accepted = policy.admits(div)
+        accepted = select.admits(div)
         steps.append(Step(sorted(chosen + [best]), best, accepted, div.kl.mean, div.kl.hi, div.top1.mean, ranking[best]))
         emit("step", asdict(steps[-1]))
         if accepted:
@@ -219,19 +236,30 @@ def certify(
         else:
             rejected.update(tries)
     if not chosen:
-        raise NothingToRemoveError(_nothing_message(policy, steps))
+        raise NothingToRemoveError(_nothing_message(policy, steps, slack=select_slack))
 
     hold_ref = do_pass("holdout", holdout, [], keep_reference=True, layer_scores=False).reference
+    heal_data = _heal_data(model, spec, calibration, reference, heal_extra, cfg) if healing else None
+    healed: dict[str, Any] | None = None
     while chosen:
+        if heal_data is not None:
+            healed = _healed_try(do_pass, emit, model, spec, chosen, heal_data, healing, hold_ref, holdout, calibration,
+                                 reference, steps)
         verdict = do_pass("holdout", holdout, chosen, reference=hold_ref, layer_scores=False)
         div = verdict.divergence
-        emit("verify", {"layers": sorted(chosen), "kl": div.kl.mean, "kl_hi": div.kl.hi, "top1": div.top1.mean})
+        emit("verify", {"layers": sorted(chosen), "kl": div.kl.mean, "kl_hi": div.kl.hi, "top1": div.top1.mean,
+                        "healed": healed is not None})
         if policy.max_kl is None and policy.min_top1 is None or policy.admits(div):
             break
         log.info("held-out bound failed for %s (KL ≤ %.4f); dropping layer %d", sorted(chosen), div.kl.hi, chosen[-1])
+        if healed is not None:
+            healed.pop("_result").undo(model)
+            healed = None
         chosen.pop()
     if not chosen:
         raise NothingToRemoveError(_nothing_message(policy, steps, holdout_failed=True))
+    if healed is not None:
+        healed.pop("_result")
     return Certificate(
         layers=sorted(chosen),
         order=list(chosen),
@@ -247,7 +275,38 @@ def certify(
         conditions=_conditions(base, chosen, cross_modal, steps),
         combined_scores=base.combined(vision=vision),
         seconds=time.perf_counter() - t0,
+        healing=healed,
     )
+
+
+def _heal_data(model: Any, spec: Any, calibration: Sequence[Any], reference: list[Any], extra: Sequence[Any],
+               cfg: AnalyzeConfig) -> HealData:
+    """Healing batches with the original's log-probs: the calibration split's (already measured) + ``extra``."""
+    batches, teacher, sources = list(calibration), list(reference), ["calibration"] * len(calibration)
+    if extra:
+        extra_ref = run_pass(model, spec, extra, config=cfg, keep_reference=True, layer_scores=False).reference
+        batches += list(extra)
+        teacher += extra_ref
+        sources += ["heal_data"] * len(extra)
+    return HealData(batches, teacher, sources)
+
+
+def _healed_try(do_pass: Callable[..., PassResult], emit: Callable[[str, dict[str, Any]], None], model: Any, spec: Any,
+                chosen: list[int], data: HealData, config: HealConfig, hold_ref: list[Any], holdout: Sequence[Any],
+                calibration: Sequence[Any], reference: list[Any], steps: list[Step]) -> dict[str, Any]:
+    """Measure ``chosen`` unhealed on the held-out split, heal it in place, measure the calibration split after.
+
+    Returns the healing record (with the :class:`HealResult` under ``_result`` for undo).
+    """
+    before = do_pass("holdout", holdout, chosen, reference=hold_ref, layer_scores=False).divergence
+    emit("heal_start", {"layers": sorted(chosen), "steps": config.steps, "holdout_kl_before": before.kl.mean})
+    result = heal_(model, spec, chosen, data, config, on_step=lambda info: emit("heal_step", info))
+    after_cal = do_pass("calibration", calibration, chosen, reference=reference, layer_scores=False).divergence
+    before_cal = next((s for s in steps if s.accepted and s.layers == sorted(chosen)), None)
+    return {**result.as_dict(), "_result": result, "holdout_before": before.as_dict(),
+            "calibration_before": None if before_cal is None else {"kl": before_cal.kl, "kl_hi": before_cal.kl_hi,
+                                                                   "top1": before_cal.top1},
+            "calibration_after": after_cal.as_dict()}
 
 
 def _conditions(base: PassResult, chosen: list[int], cross_modal: dict[int, bool], steps: list[Step]) -> list[dict[str, Any]]:
@@ -267,9 +326,11 @@ def _conditions(base: PassResult, chosen: list[int], cross_modal: dict[int, bool
     return rows
 
 
-def _nothing_message(policy: CertifyPolicy, steps: list[Step], holdout_failed: bool = False) -> str:
+def _nothing_message(policy: CertifyPolicy, steps: list[Step], holdout_failed: bool = False, slack: float = 1.0) -> str:
     tried = ", ".join(f"layer {s.candidate}: KL ≤ {s.kl_hi:.3f}" for s in steps) or "none"
     where = "on the held-out split" if holdout_failed else "on the calibration split"
+    if slack != 1 and not holdout_failed:
+        where += f" (before healing, under {slack:g} × the bound)"
     return (
         f"no layer can be removed within --max-kl {policy.max_kl} {where} (tried {tried}). "
         "Nothing was written. Loosen the bound, or give a layer budget with --max-layers to see the cost."
