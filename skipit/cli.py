@@ -173,7 +173,9 @@ class _Progress:
             self.bar.advance(self.task, info["n"])
         elif kind == "step":
             verdict = "[green]kept[/]" if info["accepted"] else "[red]rejected[/]"
-            self.bar.console.log(f"layer {info['candidate']}: KL {info['kl']:.4f} (≤ {info['kl_hi']:.4f}), "
+            what = {"block": f"block {info['layers']}", "swap": f"swap in layer {info['candidate']} → {info['layers']}"}
+            self.bar.console.log(f"{what.get(info.get('kind'), 'layer ' + str(info['candidate']))}: KL {info['kl']:.4f} "
+                                 f"(≤ {info['kl_hi']:.4f}), "
                                  f"top-1 {info['top1']:.3f} → {verdict}")
         elif kind == "verify":
             healed = " after healing" if info.get("healed") else ""

@@ -45,12 +45,17 @@ def test_compress_reload_generate(arch: str, tiny_model_dir, tmp_path: Path) -> 
     cert = result.certificate
     assert len(cert.layers) == 2 and cert.n_layers == len(tiny_models.LAYER_TYPES)
     assert 0 not in cert.layers and cert.n_layers - 1 not in cert.layers, "protected layers were removed"
-    # one base pass, then verify_top candidates verified on the whole split per removed layer, after at most
-    # probe_width screens on part of it (SLEB: ~L full passes per removed layer)
+    # one base pass, then per removed layer verify_top candidate sets verified on the whole split (plus at most
+    # one confirmed swap), after at most probe_width + 1 (block) + swap_width screens on part of it
+    # (SLEB: ~L full passes per removed layer)
     policy = CertifyPolicy(max_kl=None, max_layers=2)
-    assert cert.passes["calibration"] == 1 + policy.verify_top * len(cert.layers)
-    assert cert.passes["screen"] <= policy.probe_width * len(cert.layers)
-    assert cert.passes["calibration_equivalent"] < 1 + policy.probe_width * len(cert.layers)
+    k = len(cert.layers)
+    swaps = sum(s.kind == "swap" for s in cert.steps)
+    assert swaps <= k - 1 and cert.passes["calibration"] == 1 + policy.verify_top * k + swaps
+    assert cert.passes["screen"] <= (policy.probe_width + 1 + policy.swap_width) * k
+    frac = cert.passes["screen_samples"] / cert.passes["calibration_samples"]
+    assert 0 < frac < 1, "screening must use part of the calibration samples"
+    assert cert.passes["calibration_equivalent"] == pytest.approx(cert.passes["calibration"] + cert.passes["screen"] * frac)
     assert cert.holdout["kl"]["hi"] >= cert.holdout["kl"]["mean"] >= 0
     manifest = json.loads((result.out_dir / "skipit_manifest.json").read_text())
     assert manifest["layers"]["removed"] == cert.layers

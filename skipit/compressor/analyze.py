@@ -108,6 +108,21 @@ class PassResult:
     divergence: Divergence | None
     reference: list[Any] | None
     tokens: dict[str, int]
+    #: [layer, n]: mean angular distance (arccos(cos)/π, text tokens) between the input of layer ``layer``
+    #: and the input of layer ``layer + n`` — the cost proxy of removing that contiguous block (Gromov et al.)
+    block_distance: np.ndarray | None = None
+
+    def best_block(self, size: int, allowed: Sequence[int]) -> list[int] | None:
+        """The contiguous block of ``size`` layers, all in ``allowed``, with the smallest angular distance."""
+        if self.block_distance is None or size >= self.block_distance.shape[1]:
+            return None
+        ok = set(allowed)
+        starts = [s for s in range(self.block_distance.shape[0] - size + 1)
+                  if all(self.layers[s + j].index in ok for j in range(size)) and np.isfinite(self.block_distance[s, size])]
+        if not starts:
+            return None
+        best = min(starts, key=lambda s: self.block_distance[s, size])
+        return [self.layers[best + j].index for j in range(size)]
 
     def combined(self, candidates: Sequence[int] | None = None, vision: bool = False) -> dict[int, float]:
         """Average rank of the condition scores over ``candidates`` (lower = more redundant)."""
@@ -173,6 +188,7 @@ def run_pass(
     reference: list[Any] | None = None,
     keep_reference: bool = False,
     layer_scores: bool = True,
+    block_span: int = 0,
     on_batch: Callable[[int], None] | None = None,
 ) -> PassResult:
     """One forward pass over ``batches`` with per-layer hooks.
@@ -183,6 +199,8 @@ def run_pass(
         keep_reference: return this pass's log-probs at text positions (fp16) and top-1 tokens, per
             batch, as a new reference.
         layer_scores: compute per-layer statistics (hooks); off for a pure verification pass.
+        block_span: also measure the angular distance across every contiguous block of up to this
+            many layers (:attr:`PassResult.block_distance`; needs ``layer_scores``).
         on_batch: progress callback, called with the number of samples done in each batch.
     """
     import torch
@@ -203,7 +221,24 @@ def run_pass(
         def post_hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
             h_out = output[0] if isinstance(output, tuple) else output
             _layer_stats(pos, state["h_in"].float(), h_out.float())
+            if block_span:
+                trace = state.setdefault("trace", [])
+                if pos == 0:
+                    trace.append(state["h_in"][state["text"]].float())
+                trace.append(h_out[state["text"]].float())
         return post_hook
+
+    block_sum = np.full((n_layers, block_span + 1), np.nan) if block_span else None
+    if block_sum is not None:
+        for i in range(n_layers):
+            block_sum[i, 1: min(block_span, n_layers - i) + 1] = 0.0
+
+    def _block_stats() -> None:
+        trace = state.pop("trace", [])
+        for i in range(n_layers):
+            for n in range(1, min(block_span, n_layers - i) + 1):
+                cos = torch.nn.functional.cosine_similarity(trace[i], trace[i + n], dim=-1).clamp(-1, 1)
+                block_sum[i, n] += float((torch.arccos(cos) / np.pi).sum())
 
     def _layer_stats(pos: int, h_in: Any, h_out: Any) -> None:
         dist = 1 - torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1)  # [b, s]
@@ -247,6 +282,8 @@ def run_pass(
                     acc.xattn_count[rows] += batch.text_mask.sum(-1).cpu().numpy()
                 np.add.at(acc.lens_count, rows[state["lens_idx"][0].cpu().numpy()] if layer_scores else [], 1)
                 logits = model(**batch.inputs, use_cache=False).logits
+                if block_sum is not None and layer_scores:
+                    _block_stats()
                 logp = torch.log_softmax(logits.float()[batch.text_mask], dim=-1)  # [n_text, vocab]
                 if keep_reference:
                     # fp16 halves the memory of the stored distributions; the top-1 token is kept exactly,
@@ -265,7 +302,8 @@ def run_pass(
             h.remove()
     layers = _finish_layers(acc, spec, config) if layer_scores else []
     divergence = _finish_divergence(div_rows, n_samples, config) if reference is not None else None
-    return PassResult(layers, divergence, kept_reference if keep_reference else None, tokens)
+    blocks = block_sum / max(tokens["text"], 1) if block_sum is not None and layer_scores else None
+    return PassResult(layers, divergence, kept_reference if keep_reference else None, tokens, blocks)
 
 
 def _divergence_rows(batch: Any, logp: Any, ref: Any, ref_top1: Any, rows: np.ndarray) -> tuple[np.ndarray, ...]:

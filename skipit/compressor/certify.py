@@ -48,6 +48,10 @@ class CertifyPolicy:
         max_vision_attention: cross-modal condition (VLMs): a layer whose text queries put more than
             this share of their attention on vision tokens is not a candidate (it carries the
             image into the text stream). None disables the condition.
+        block_candidates: also propose, at each size, the contiguous block with the smallest angular
+            distance across it (Gromov et al.; measured in the first pass) as a candidate set.
+        swap_width: after each accepted step, screen replacing the chosen layer that cost most by
+            each of this many best-ranked other layers; a swap is kept when a full pass confirms it.
     """
 
     max_kl: float | None = 0.05
@@ -60,6 +64,8 @@ class CertifyPolicy:
     verify_top: int = 2
     screen_fraction: float = 0.25
     max_vision_attention: float | None = 0.5
+    block_candidates: bool = True
+    swap_width: int = 2
 
     def __post_init__(self) -> None:
         if self.max_kl is None and self.max_layers is None:
@@ -121,6 +127,9 @@ class Step:
     kl_hi: float
     top1: float
     rank_score: float
+    #: how the set was proposed: ``greedy`` (best-ranked layer added), ``block`` (contiguous block with
+    #: the smallest angular distance, Gromov et al.) or ``swap`` (a chosen layer replaced by another)
+    kind: str = "greedy"
 
 
 @dataclass
@@ -195,7 +204,6 @@ def certify(
     budget = min(policy.max_layers or n, n - len(protected) - 1)
     cfg = AnalyzeConfig(config.eps, config.lens_tokens, policy.confidence, config.n_boot)
     passes = {"calibration": 0, "screen": 0, "holdout": 0}
-    screen_batches = max(1, round(policy.screen_fraction * len(calibration)))
     select_slack = healing.select_slack if healing else 1.0
     select = policy.loosened(select_slack)
 
@@ -205,36 +213,63 @@ def certify(
         with spec.skipping(removed):
             return run_pass(model, spec, batches, config=cfg, on_batch=lambda k: emit("batch", {"n": k}), **kw)
 
-    base = do_pass("calibration", calibration, [], keep_reference=True)
+    base = do_pass("calibration", calibration, [], keep_reference=True, block_span=budget if policy.block_candidates else 0)
     reference = base.reference
+    screen_set = _screen_subset(calibration, reference, policy.screen_fraction)
+    n_cal = sum(b.size for b in calibration)
+
+    def screen(removed: list[int]) -> float:
+        return do_pass("screen", screen_set[0], removed, reference=screen_set[1], layer_scores=False).divergence.kl.mean
+
     vision = spec.is_vlm and base.tokens["vision"] > 0
     current, chosen, steps, rejected = base, [], [], set()
     current_div: Divergence | None = None
     cross_modal = {ls.index: policy.cross_modal_ok(ls) for ls in base.layers}
+    allowed = [i for i in range(n) if i not in protected and cross_modal[i]]
+    cost: dict[int, float] = {}  # KL each chosen layer added when it was chosen (for swaps)
+    failed: set[tuple[int, ...]] = set()  # verified sets that broke the bound
     while len(chosen) < budget and len(rejected) <= policy.max_rejections:
-        candidates = [i for i in range(n) if i not in protected and i not in chosen and i not in rejected and cross_modal[i]]
+        candidates = [i for i in allowed if i not in chosen and i not in rejected]
         ranking = current.combined(candidates, vision=vision)
         if not ranking:
             break
-        tries = sorted(ranking, key=ranking.get)[: policy.probe_width]
-        if len(tries) > policy.verify_top and screen_batches < len(calibration):
-            screened = {c: do_pass("screen", calibration[:screen_batches], chosen + [c], reference=reference[:screen_batches],
-                                   layer_scores=False).divergence.kl.mean for c in tries}
+        options: dict[tuple[int, ...], tuple[str, int]] = {}
+        for c in sorted(ranking, key=ranking.get)[: policy.probe_width]:
+            options[tuple(sorted(chosen + [c]))] = ("greedy", c)
+        block = base.best_block(len(chosen) + 1, allowed) if policy.block_candidates else None
+        if block is not None and tuple(block) not in options:
+            options[tuple(block)] = ("block", block[0])
+        options = {t: o for t, o in options.items() if t not in failed}
+        if not options:
+            break
+        tries = list(options)
+        if len(tries) > policy.verify_top and screen_set[2] < n_cal:
+            screened = {t: screen(list(t)) for t in tries}
             tries = sorted(tries, key=screened.get)[: policy.verify_top]
-        else:  # a one-batch calibration split has no smaller part to screen on
+        else:  # the calibration split is too small to screen on a part of it
             tries = tries[: policy.verify_top]
-        trials = {c: do_pass("calibration", calibration, chosen + [c], reference=reference) for c in tries}
-        best = min(trials, key=lambda c: (trials[c].divergence.kl.hi, ranking[c]))
+        trials = {t: do_pass("calibration", calibration, list(t), reference=reference) for t in tries}
+        best = min(trials, key=lambda t: (trials[t].divergence.kl.hi, ranking.get(options[t][1], 1.0)))
         result = trials[best]
         div = result.divergence
+        kind, label = options[best]
         accepted = select.admits(div)
-        steps.append(Step(sorted(chosen + [best]), best, accepted, div.kl.mean, div.kl.hi, div.top1.mean, ranking[best]))
+        steps.append(Step(list(best), label, accepted, div.kl.mean, div.kl.hi, div.top1.mean,
+                          ranking.get(label, float("nan")), kind))
         emit("step", asdict(steps[-1]))
-        if accepted:
-            chosen.append(best)
-            current, current_div = result, div
-        else:
-            rejected.update(tries)
+        if not accepted:
+            failed.update(tries)
+            rejected.update(options[t][1] for t in tries if options[t][0] == "greedy")
+            continue
+        before = current_div.kl.mean if current_div else 0.0
+        chosen = [c for c in chosen if c in best] + [c for c in best if c not in chosen]
+        cost = {c: v for c, v in cost.items() if c in best}
+        new = [c for c in best if c not in cost]
+        cost.update({c: (div.kl.mean - before) / len(new) for c in new})
+        current, current_div = result, div
+        if policy.swap_width and len(chosen) >= 2:
+            current, current_div, chosen = _try_swap(policy, select, do_pass, screen, calibration, reference, screen_set,
+                                                     current, chosen, cost, allowed, vision, steps, emit)
     if not chosen:
         raise NothingToRemoveError(_nothing_message(policy, steps, slack=select_slack))
 
@@ -269,7 +304,8 @@ def certify(
         calibration=current_div.as_dict() if current_div else {},
         passes={**passes, "total": passes["calibration"] + passes["screen"] + passes["holdout"],
                 # forward work over the calibration split, in full-split passes (a screen is a fraction of one)
-                "calibration_equivalent": passes["calibration"] + passes["screen"] * screen_batches / len(calibration)},
+                "calibration_equivalent": passes["calibration"] + passes["screen"] * screen_set[2] / n_cal,
+                "screen_samples": screen_set[2], "calibration_samples": n_cal},
         steps=steps,
         initial_scores=[ls.as_dict() for ls in base.layers],
         conditions=_conditions(base, chosen, cross_modal, steps),
@@ -277,6 +313,65 @@ def certify(
         seconds=time.perf_counter() - t0,
         healing=healed,
     )
+
+
+def _screen_subset(batches: Sequence[Any], reference: list[Any], fraction: float) -> tuple[list[Any], list[Any], int]:
+    """The first ``fraction`` of the calibration *samples* (a batch is cut where needed) with their reference."""
+    from dataclasses import replace as _replace
+
+    want = max(1, round(fraction * sum(b.size for b in batches)))
+    out_b, out_r, taken = [], [], 0
+    for batch, ref in zip(batches, reference):
+        if taken >= want:
+            break
+        rows = min(batch.size, want - taken)
+        if rows < batch.size:
+            cut = {k: v[:rows] if hasattr(v, "shape") and v.shape[:1] == (batch.size,) else v for k, v in batch.inputs.items()}
+            n_text = int(batch.text_mask[:rows].sum())
+            batch = _replace(batch, inputs=cut, text_mask=batch.text_mask[:rows], vision_mask=batch.vision_mask[:rows],
+                             sample_ids=batch.sample_ids[:rows])
+            ref = (ref[0][:n_text], ref[1][:n_text])
+        out_b.append(batch)
+        out_r.append(ref)
+        taken += rows
+    return out_b, out_r, taken
+
+
+def _screen_kl(div: Divergence, samples: int) -> float:
+    """Mean KL over the first ``samples`` samples of a full pass: what a screen of that set would measure."""
+    sums, counts = div.sample_sums[:samples, 0], div.sample_counts[:samples, 0]
+    return float(sums.sum() / max(counts.sum(), 1))
+
+
+def _try_swap(policy: CertifyPolicy, select: CertifyPolicy, do_pass: Callable[..., PassResult],
+              screen: Callable[[list[int]], float], calibration: Sequence[Any], reference: list[Any],
+              screen_set: tuple[list[Any], list[Any], int], current: PassResult, chosen: list[int],
+              cost: dict[int, float], allowed: list[int], vision: bool, steps: list["Step"],
+              emit: Callable[[str, dict[str, Any]], None]) -> tuple[PassResult, Divergence, list[int]]:
+    """Refine the chosen set: replace its costliest layer by one of the best-ranked others when a screen
+    says it helps and a full pass confirms it. Returns the (possibly new) pass, divergence and set."""
+    div = current.divergence
+    worst = max(chosen, key=lambda c: cost.get(c, 0.0))
+    others = [i for i in allowed if i not in chosen]
+    ranking = current.combined(others, vision=vision)
+    partners = sorted(ranking, key=ranking.get)[: policy.swap_width]
+    if not partners:
+        return current, div, chosen
+    swapped = {u: [u if c == worst else c for c in chosen] for u in partners}
+    screened = {u: screen(swapped[u]) for u in partners}
+    u = min(screened, key=screened.get)
+    if screened[u] >= _screen_kl(div, screen_set[2]):
+        return current, div, chosen
+    trial = do_pass("calibration", calibration, swapped[u], reference=reference)
+    tdiv = trial.divergence
+    better = tdiv.kl.hi < div.kl.hi and select.admits(tdiv)
+    steps.append(Step(sorted(swapped[u]), u, better, tdiv.kl.mean, tdiv.kl.hi, tdiv.top1.mean,
+                      ranking[u], "swap"))
+    emit("step", asdict(steps[-1]))
+    if not better:
+        return current, div, chosen
+    cost[u] = cost.pop(worst) + tdiv.kl.mean - div.kl.mean
+    return trial, tdiv, swapped[u]
 
 
 def _heal_data(model: Any, spec: Any, calibration: Sequence[Any], reference: list[Any], extra: Sequence[Any],
