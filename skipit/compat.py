@@ -13,10 +13,10 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-import transformers
+from importlib import metadata
 
-#: Major version of the installed transformers.
-TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+#: Major version of the installed transformers (read without importing it: ``--help`` stays fast).
+TRANSFORMERS_MAJOR = int(metadata.version("transformers").split(".")[0])
 
 _NESTED_CONFIGS = ("text_config",)
 _PLAIN_ROPE_KEYS = {"rope_type", "rope_theta"}
@@ -96,7 +96,7 @@ def torchscript_patches() -> Iterator[None]:
     except ImportError:
         raise BackendUnavailableError(
             f"the legacy (TorchScript) ONNX exporter needs optimum-onnx's mask patches on transformers "
-            f"{transformers.__version__}; install optimum-onnx or use the dynamo exporter (--exporter dynamo)"
+            f"{metadata.version('transformers')}; install optimum-onnx or use the dynamo exporter (--exporter dynamo)"
         ) from None
     from transformers import masking_utils
     from transformers.cache_utils import DynamicLayer

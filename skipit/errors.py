@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import enum
+
 
 class SkipitError(Exception):
     """Base class of every error skipit raises on purpose. ``exit_code`` is used by the CLI."""
@@ -53,3 +55,17 @@ class EngineIncompatibleError(ExportError):
 
 class MissingAnswersError(CalibrationDataError):
     """Task accuracy was asked for, but the evaluation samples carry no ``"answer"`` field."""
+
+
+class ExitCode(enum.IntEnum):
+    """Every exit status of skipit's commands, in one place (README "Exit codes")."""
+
+    OK = 0
+    INTERNAL = 1  #: a bug: one line, ``--debug`` for the traceback
+    BAD_INPUT = 2  #: bad input or option (:class:`SkipitError`)
+    NOTHING_TO_REMOVE = 3  #: no layer can be removed within the bound (:class:`NothingToRemoveError`)
+    PARITY = 4  #: the gate's parity check failed
+    SPEED = 5  #: the gate's speed check failed
+    EXPORT_MISMATCH = 6  #: an exported graph (or the slim tokenizer) does not match the model
+    INTERRUPTED = 130  #: Ctrl-C (128 + SIGINT)
+    TERMINATED = 143  #: SIGTERM (128 + SIGTERM)

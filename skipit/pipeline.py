@@ -139,7 +139,8 @@ def compress(model_path: str | Path, out_dir: str | Path, options: CompressOptio
         options = replace(options, data=replace(options.data, path=Path(options.data.path).resolve()))
     if options.heal_data is not None:
         options = replace(options, heal_data=Path(options.heal_data).resolve())
-    emit = progress or (lambda kind, info: None)
+    stages = _Stages(progress, 5 + ("onnx" in options.export) + ("trt" in options.export) + options.validate)
+    emit = stages.emit
     with output_dir(out_dir, model_path, options) as output:
         emit("stage", {"name": f"loading {model_path}"})
         loaded, spec, data = prepare(model_path, options)
@@ -168,12 +169,28 @@ def compress(model_path: str | Path, out_dir: str | Path, options: CompressOptio
         write_manifest(tmp, manifest)
         write_atomic(tmp / "README.md", model_card(manifest))
         exports = _export(tmp, options, emit)
+        if options.validate:
+            emit("stage", {"name": "validating on the untouched test split"})
         validation = _validate(model_path, tmp, options, emit) if options.validate else None
         emit("stage", {"name": "writing report.md / report.html"})
         write_report(tmp, manifest, validation=validation.as_dict() if validation else None,
                      speed=validation.speed.as_dict() if validation and validation.speed else None)
         output.commit()
     return CompressResult(out_dir, cert, manifest, validation, exports)
+
+
+class _Stages:
+    """Numbers the run's ``stage`` events (``step`` of ``of``) so a front end can show overall progress."""
+
+    def __init__(self, progress: Progress | None, total: int) -> None:
+        self.progress, self.total, self.done = progress, total, 0
+
+    def emit(self, kind: str, info: dict[str, Any]) -> None:
+        if kind == "stage" and self.done < self.total:
+            self.done += 1
+            info = {**info, "step": self.done, "of": self.total}
+        if self.progress is not None:
+            self.progress(kind, info)
 
 
 def _export(tmp: Path, options: CompressOptions, emit: Progress) -> dict[str, Any]:
@@ -201,9 +218,12 @@ def _export(tmp: Path, options: CompressOptions, emit: Progress) -> dict[str, An
 def _validate(model_path: Path, tmp: Path, options: CompressOptions, emit: Progress) -> Any:
     """``--validate``: the CI gate on the untouched test split (and ONNX parity when exported)."""
     from skipit.validators.gate import GateConfig, validate
+    from skipit.validators.parity import ParityConfig
 
     onnx = tmp / "onnx" if "onnx" in options.export else None
-    config = GateConfig(data=options.data.path, limit=options.data.limit, onnx=onnx, load=options.load)
+    d = options.data
+    config = GateConfig(data=d.path, limit=d.limit, onnx=onnx, load=options.load,
+                        parity=ParityConfig(batch_size=d.batch_size, max_length=d.max_length))
     return validate(model_path, tmp, config, progress=emit)
 
 

@@ -16,7 +16,7 @@ from skipit.compressor.manifest import MANIFEST_NAME
 from skipit.compressor.rewrite import remove_layers_, save_checkpoint
 from skipit.errors import InvalidOptionError
 from skipit.validators.backend import BackendParityConfig
-from skipit.validators.cli_validate import add_validate_parser
+from skipit.cli.validate import add_validate_parser
 from skipit.validators.gate import EXIT_EXPORT, EXIT_PARITY, EXIT_PASS, EXIT_SPEED, GateConfig, validate
 from skipit.validators.parity import ParityConfig
 from skipit.validators.speed import SpeedConfig

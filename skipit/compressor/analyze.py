@@ -95,9 +95,41 @@ class Divergence:
     #: per-token KL and the sample (row) each token belongs to, for quantiles
     token_kl: np.ndarray | None = None
     token_rows: np.ndarray | None = None
+    #: per-token position in its sequence (0-based) and top-1 agreement, for per-context-length figures
+    token_pos: np.ndarray | None = None
+    token_agree: np.ndarray | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"kl": self.kl.as_dict(), "top1": self.top1.as_dict(), "nll": self.nll.as_dict()}
+
+    def by_group(self, groups: Sequence[str], config: "AnalyzeConfig") -> dict[str, dict[str, Any]]:
+        """KL and top-1 agreement (with one-sided bounds) per group of samples; ``groups[i]`` names sample i."""
+        labels = np.asarray(list(groups))
+        out = {}
+        for g in sorted(set(labels.tolist())):
+            rows = np.flatnonzero(labels == g)
+            out[g] = self._estimates(self.sample_sums[rows, :2], self.sample_counts[rows, 0], config)
+        return out
+
+    def by_position(self, edges: Sequence[int], config: "AnalyzeConfig") -> dict[str, dict[str, Any]]:
+        """KL and top-1 agreement per bucket of token positions (``edges`` are bucket ends, 1-based tokens)."""
+        n = self.sample_sums.shape[0]
+        out, lo = {}, 0
+        for hi in edges:
+            sel = (self.token_pos >= lo) & (self.token_pos < hi)
+            if sel.any():
+                sums, counts = np.zeros((n, 2)), np.zeros(n)
+                rows = self.token_rows[sel]
+                np.add.at(sums, rows, np.stack([self.token_kl[sel], self.token_agree[sel]], axis=1))
+                np.add.at(counts, rows, 1)
+                out[f"{lo + 1}-{hi}"] = self._estimates(sums, counts, config)
+            lo = hi
+        return out
+
+    @staticmethod
+    def _estimates(sums: np.ndarray, counts: np.ndarray, config: "AnalyzeConfig") -> dict[str, Any]:
+        kl, top1 = bootstrap_ratio(sums, counts, confidence=config.confidence, n_boot=config.n_boot, one_sided=True)
+        return {"kl": kl.as_dict(), "top1": top1.as_dict(), "samples": int((counts > 0).sum()), "tokens": int(counts.sum())}
 
 
 @dataclass
@@ -312,6 +344,7 @@ def _divergence_rows(batch: Any, logp: Any, ref: Any, ref_top1: Any, rows: np.nd
 
     text = batch.text_mask
     row_of = torch.arange(text.shape[0]).unsqueeze(1).expand_as(text)[text].numpy()
+    pos = torch.arange(text.shape[1]).unsqueeze(0).expand_as(text)[text].numpy()
     kl = _kl(ref, logp).clamp_min(0)
     agree = (ref_top1 == logp.argmax(-1)).float()
     # next-token NLL where the next position is a text token of the same row
@@ -321,14 +354,14 @@ def _divergence_rows(batch: Any, logp: Any, ref: Any, ref_top1: Any, rows: np.nd
     has_next = nxt[text]
     target = torch.roll(ids, -1, dims=1)[text]
     nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-    return rows[row_of], kl.numpy(), agree.numpy(), (nll * has_next).numpy(), has_next.float().numpy()
+    return rows[row_of], kl.numpy(), agree.numpy(), (nll * has_next).numpy(), has_next.float().numpy(), pos
 
 
 def _finish_divergence(div_rows: list, n_samples: int, config: AnalyzeConfig) -> Divergence:
     sums = np.zeros((n_samples, 3))
     counts = np.zeros(n_samples)
     nll_counts = np.zeros(n_samples)
-    for rows, kl, agree, nll, has_next in div_rows:
+    for rows, kl, agree, nll, has_next, _ in div_rows:
         np.add.at(sums, rows, np.stack([kl, agree, nll], axis=1))
         np.add.at(counts, rows, 1)
         np.add.at(nll_counts, rows, has_next)
@@ -338,7 +371,10 @@ def _finish_divergence(div_rows: list, n_samples: int, config: AnalyzeConfig) ->
     per_sample = np.divide(sums[:, 0], counts, out=np.zeros(n_samples), where=counts > 0)
     token_rows = np.concatenate([r[0] for r in div_rows]) if div_rows else np.zeros(0, dtype=int)
     token_kl = np.concatenate([r[1] for r in div_rows]) if div_rows else np.zeros(0)
-    return Divergence(kl, top1, nll, per_sample.tolist(), sums, np.stack([counts, nll_counts], axis=1), token_kl, token_rows)
+    token_agree = np.concatenate([r[2] for r in div_rows]) if div_rows else np.zeros(0)
+    token_pos = np.concatenate([r[5] for r in div_rows]) if div_rows else np.zeros(0, dtype=int)
+    return Divergence(kl, top1, nll, per_sample.tolist(), sums, np.stack([counts, nll_counts], axis=1), token_kl, token_rows,
+                      token_pos, token_agree)
 
 
 def _finish_layers(acc: _Accumulator, spec: Any, config: AnalyzeConfig) -> list[LayerStats]:

@@ -1,13 +1,4 @@
-"""``skipit validate ORIGINAL SLIM``: the argparse part of the CI gate (:mod:`skipit.validators.gate`).
-
-Register it in ``skipit/cli.py``'s ``build_parser``::
-
-    from skipit.validators.cli_validate import add_validate_parser
-    add_validate_parser(sub)
-
-The handler reuses ``skipit.cli._run`` (logging, progress bars, error → exit code); it is imported
-when the command runs, so ``skipit.cli`` may import this module at its top.
-"""
+"""``skipit validate ORIGINAL SLIM``: the argparse part of the CI gate (:mod:`skipit.validators.gate`)."""
 
 from __future__ import annotations
 
@@ -16,13 +7,22 @@ import json
 from pathlib import Path
 from typing import Any
 
+from skipit.cli.runner import EXIT_CODES_HELP, add_output_flags, dtype_arg, run_job
+
+VALIDATE_EXAMPLES = """examples:
+  skipit validate ./SmolLM2-135M out                         # parity on the untouched test split, certified bound
+  skipit validate ./SmolLM2-135M out --onnx out/onnx --max-kl 0.3 --min-top1 0.7 --json gate.json
+"""
+
 
 def add_validate_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``validate`` subcommand to an ``argparse`` subparsers object and return its parser."""
+    from skipit.validators.parity import ParityConfig
+
     p = subparsers.add_parser(
         "validate", help="check a slim model against the original (CI gate)",
-        description="Compare a slim model with the original on held-out data and check bounds. Exit codes: "
-                    "0 all checks pass, 4 parity failed, 5 speed failed, 6 ONNX export mismatch, 2 bad input.")
+        description="Compare a slim model with the original on held-out data and check bounds.",
+        epilog=VALIDATE_EXAMPLES + "\n" + EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("original", type=Path, help="original model directory or .gguf file")
     p.add_argument("slim", type=Path, help="slim model directory (skipit's OUT_DIR or OUT_DIR/model)")
     p.add_argument("--data", type=Path, help="JSONL evaluation data (default: the data in the slim model's "
@@ -46,14 +46,13 @@ def add_validate_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--repeats", type=int, default=5, help="timed repeats per runner (default 5)")
     g = p.add_argument_group("model loading")
     g.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 … (default: cpu)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "auto"])
+    g.add_argument("--dtype", default="float32", type=dtype_arg, help="float32 (default), float16, bfloat16 or auto")
     g.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model dirs")
     g.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights")
-    g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--max-length", type=int, default=128, help="tokens per sample (default: 128)")
-    p.add_argument("--json", type=Path, metavar="REPORT_JSON", help="also write the full report as JSON here")
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    g.add_argument("--batch-size", type=int, default=ParityConfig.batch_size)
+    g.add_argument("--max-length", type=int, default=ParityConfig.max_length,
+                   help=f"longest sample in tokens (default: {ParityConfig.max_length})")
+    add_output_flags(p, json_file=True)
     p.set_defaults(func=validate_command)
     return p
 
@@ -84,18 +83,15 @@ def gate_config(args: argparse.Namespace) -> Any:
 
 def validate_command(args: argparse.Namespace) -> int:
     """Handler of ``skipit validate``: run the gate, print the summary, write ``--json``; return the exit code."""
-    from skipit.cli import _run
-
     def job(progress: Any, console: Any) -> int:
+        from skipit.atomic import write_atomic
         from skipit.validators.gate import validate
 
         report = validate(args.original, args.slim, gate_config(args), progress=progress)
         if args.json is not None:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            tmp = args.json.with_name(f".{args.json.name}.tmp")
-            tmp.write_text(json.dumps(report.as_dict(), indent=2))
-            tmp.replace(args.json)
-        print(report.summary())
+            write_atomic(args.json, json.dumps(report.as_dict(), indent=2))
+        if not args.quiet:
+            print(report.summary())
         return report.exit_code
 
-    return _run(args, job)
+    return run_job(args, job)
