@@ -350,13 +350,13 @@ def _check_written(reader: Any, plan: _Plan, path: Path, gguf: Any) -> None:
 
 
 def gguf_block_count(path: str | os.PathLike) -> int:
-    """``<arch>.block_count`` of a GGUF file."""
-    gguf = _gguf()
-    reader = gguf.GGUFReader(Path(path))
-    arch = _scalar(reader, "general.architecture")
-    n = _scalar(reader, f"{arch}.block_count")
+    """``<arch>.block_count`` of a GGUF file (read from its header only)."""
+    from skipit.compressor.gguf_meta import gguf_header_fields
+
+    arch = gguf_header_fields(path, ["general.architecture"]).get("general.architecture")
+    n = gguf_header_fields(path, [f"{arch}.block_count"]).get(f"{arch}.block_count") if arch else None
     if n is None:
-        raise ExportError(f"{path} has no {arch}.block_count field")
+        raise ExportError(f"{path} has no general.architecture / <arch>.block_count field; is it a model GGUF?")
     return int(n)
 
 
