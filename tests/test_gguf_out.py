@@ -52,10 +52,10 @@ def _block_tensors(i: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
 
 
 def write_gguf(path: Path, arch: str = "llama", n_blocks: int = 6, blocks: list[int] | None = None,
-               extra: dict | None = None) -> Path:
+               extra: dict | None = None, endianess: "gguf.GGUFEndian | None" = None) -> Path:
     """A GGUF with Q4_1 attention weights, F32 norms, per-layer and non-per-layer arrays, odd tokens."""
     rng = np.random.default_rng(0)
-    w = gguf.GGUFWriter(path, arch)
+    w = gguf.GGUFWriter(path, arch, endianess=endianess or gguf.GGUFEndian.LITTLE)
     w.add_uint32(f"{arch}.block_count", n_blocks)
     w.add_uint32(f"{arch}.context_length", 128)
     w.add_array(f"{arch}.attention.head_count", [10 + i for i in range(n_blocks)])  # per layer
@@ -111,6 +111,9 @@ def test_block_drop_renumbers_slices_and_keeps_bytes(tmp_path: Path) -> None:
     assert after["blk.1.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.Q4_1
     assert float(np.asarray(after["blk.1.attn_norm.weight"].data)[0]) == 4.0  # original block 3
     assert gguf_block_count(result.path) == 3
+    umask = os.umask(0)
+    os.umask(umask)
+    assert result.path.stat().st_mode & 0o777 == 0o666 & ~umask
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
@@ -198,6 +201,9 @@ def test_refused_architectures_and_split_files(tmp_path: Path) -> None:
     split = write_gguf(tmp_path / "split.gguf", extra={"split.count": (2, gguf.GGUFValueType.UINT16)})
     with pytest.raises(ExportError, match="llama-gguf-split --merge"):
         export_gguf(split, [1], tmp_path / "out.gguf")
+    big = write_gguf(tmp_path / "big.gguf", endianess=gguf.GGUFEndian.BIG)
+    with pytest.raises(ExportError, match="big-endian"):
+        export_gguf(big, [1], tmp_path / "out.gguf")
 
 
 def test_llamacpp_runner_says_how_to_install(tmp_path: Path) -> None:
@@ -222,23 +228,30 @@ def torch_greedy(smollm2_gguf: Path) -> dict:
     (and, to show the comparison can fail, with two other blocks removed)."""
     import copy
 
+    import torch
+
     from skipit.compressor.arch import decoder_spec
     from skipit.compressor.loading import load_model
     from skipit.compressor.rewrite import remove_layers_
-    from skipit.validators.generation import greedy
 
     loaded = load_model(smollm2_gguf)
     tok = loaded.tokenizer
-    encoded = [tok(p, return_tensors="pt") for p in PROMPTS]
+    tok.padding_side = "left"
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    eos = loaded.model.generation_config.eos_token_id
 
     def run(model) -> list[list[int]]:
-        return [greedy(model, dict(e), NEW_TOKENS, pad_token_id=tok.pad_token_id) for e in encoded]
+        """Greedy tokens per prompt (one left-padded batch), cut after the first EOS, which is kept."""
+        with torch.inference_mode():
+            out = model.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tok.pad_token_id)
+        rows = out[:, batch["input_ids"].shape[1]:].tolist()
+        return [row[:row.index(eos) + 1] if eos in row else row for row in rows]
 
     original = run(loaded.model)
     wrong = copy.deepcopy(loaded.model)
     remove_layers_(wrong, decoder_spec(wrong), [3, 25])
     remove_layers_(loaded.model, decoder_spec(loaded.model), REMOVED)
-    return {"prompt_ids": [e["input_ids"][0].tolist() for e in encoded], "original": original,
+    return {"prompt_ids": [tok(p)["input_ids"] for p in PROMPTS], "original": original,
             "slim": run(loaded.model), "wrong": run(wrong), "layers": decoder_spec(loaded.model).num_layers}
 
 

@@ -258,6 +258,9 @@ def export_gguf(source_gguf: str | os.PathLike, removed: Sequence[int], out_path
         reader = gguf.GGUFReader(source)
     except (ValueError, OSError) as exc:
         raise ExportError(f"{source} is not a readable GGUF file ({exc}); re-download or re-convert it") from None
+    if reader.endianess != gguf.GGUFEndian.LITTLE:
+        raise ExportError(f"{source} is a big-endian GGUF; skipit writes little-endian GGUFs only and would have to "
+                          "byte-swap its tensors. Use a little-endian conversion of the model")
     plan = _plan(reader, source, removed, gguf)
     for key in plan.dropped_empty:
         log.warning("%s: metadata field %s is an empty array, which gguf's writer cannot write; it is left out",
@@ -270,6 +273,9 @@ def export_gguf(source_gguf: str | os.PathLike, removed: Sequence[int], out_path
     try:
         _write(reader, plan, tmp, gguf)
         _check_written(reader, plan, tmp, gguf)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)  # mkstemp creates 0600; a model file is as readable as any other output
         os.replace(tmp, out_path)
     except BaseException:
         tmp.unlink(missing_ok=True)
