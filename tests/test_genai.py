@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from skipit.errors import ExportError
-from skipit.exporters.genai import GENAI_CONFIG, genai_config
+from skipit.exporters.genai import GENAI_CONFIG, genai_config, genai_greedy
 from skipit.exporters.onnx_text import OnnxExportConfig, export_text_decoder, kv_input_names, kv_output_names
 
 NEW_TOKENS = 20
@@ -73,17 +73,26 @@ def test_onnxruntime_genai_generates_torch_greedy_tokens(exports, name) -> None:
         expected = model.generate(**ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
                                   pad_token_id=tok.pad_token_id)[0].tolist()
 
-    og_model = og.Model(str(out))  # the folder as exported: nothing added or edited
-    og_tok = og.Tokenizer(og_model)
-    assert list(og_tok.encode(PROMPT)) == ids["input_ids"][0].tolist()
-    params = og.GeneratorParams(og_model)
-    params.set_search_options(max_length=len(expected), min_length=len(expected))
-    gen = og.Generator(og_model, params)
-    gen.append_tokens(ids["input_ids"][0].tolist())
-    while not gen.is_done():
-        gen.generate_next_token()
-    got = [int(t) for t in gen.get_sequence(0)]
+    # the folder as exported: nothing added or edited
+    assert list(og.Tokenizer(og.Model(str(out))).encode(PROMPT)) == ids["input_ids"][0].tolist()
+    got = genai_greedy(out, ids["input_ids"][0].tolist(), NEW_TOKENS)
     assert got == expected, f"onnxruntime-genai greedy tokens differ from torch: {got} vs {expected}"
+
+
+def test_export_without_eos_id_still_exports_and_says_why_genai_config_is_missing(exports, tmp_path, caplog) -> None:
+    from skipit.exporters.genai import write_genai_config
+
+    _, out = exports["llama"]
+    folder = tmp_path / "copy"
+    (folder / "onnx").mkdir(parents=True)
+    (folder / "onnx" / "model.onnx").write_bytes((out / "onnx" / "model.onnx").read_bytes())
+    config = json.loads((out / "config.json").read_text())
+    del config["eos_token_id"]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert write_genai_config(folder, strict=False) is None
+    assert not (folder / GENAI_CONFIG).exists() and "no genai_config.json written" in caplog.text
+    with pytest.raises(ExportError, match="eos_token_id"):
+        write_genai_config(folder)
 
 
 def test_genai_config_refuses_graphs_it_cannot_describe() -> None:

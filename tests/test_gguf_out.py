@@ -89,7 +89,8 @@ def _tensors(path: Path) -> dict[str, object]:
 
 def test_block_drop_renumbers_slices_and_keeps_bytes(tmp_path: Path) -> None:
     src = write_gguf(tmp_path / "src.gguf")
-    result = export_gguf(src, [1, 2, 4], tmp_path / "out.gguf")
+    result = export_gguf(src, [np.int64(4), 1, 2, 2], tmp_path / "out.gguf")  # certificate order, numpy ints
+    assert result.removed == (1, 2, 4)
     assert result.path == tmp_path / "out.gguf" and result.block_count_after == 3
     assert result.sliced_keys == ("llama.attention.head_count",)
     reader = gguf.GGUFReader(result.path)
@@ -148,6 +149,7 @@ def test_blocks_that_do_not_match_block_count_are_refused(tmp_path: Path, blocks
     ([6], r"blocks \[6\] are not in"),
     ([-1], r"blocks \[-1\] are not in"),
     (list(range(6)), "leaves no decoder block"),
+    ([1.0], r"blocks \[1.0\] are not in"),
 ])
 def test_bad_block_indices_are_refused(tmp_path: Path, removed, message) -> None:
     src = write_gguf(tmp_path / "src.gguf")

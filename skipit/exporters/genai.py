@@ -21,7 +21,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from skipit.errors import ExportError
 
@@ -137,9 +137,20 @@ def genai_config(model_config: dict[str, Any], generation_config: dict[str, Any]
     return {"model": model, "search": search}
 
 
-def write_genai_config(folder: str | os.PathLike, decoder_file: str = DEFAULT_DECODER_FILE) -> Path:
+def write_genai_config(folder: str | os.PathLike, decoder_file: str = DEFAULT_DECODER_FILE, *,
+                       strict: bool = True) -> Path | None:
     """Write ``folder/genai_config.json`` for the graph ``folder/decoder_file``, from the ``config.json`` and
-    ``generation_config.json`` in ``folder`` (an ONNX export folder); return its path."""
+    ``generation_config.json`` in ``folder`` (an ONNX export folder); return its path.
+
+    With ``strict=False`` (what the ONNX export uses: the graph is fine without it), a checkpoint that
+    genai_config.json cannot describe (no EOS id, …) gets a warning and no file, and None is returned.
+    """
+    if not strict:
+        try:
+            return write_genai_config(folder, decoder_file)
+        except ExportError as exc:
+            log.warning("no %s written, so onnxruntime-genai will not load this folder as is: %s", GENAI_CONFIG, exc)
+            return None
     folder = Path(folder)
     graph = folder / decoder_file
     if not graph.is_file():
@@ -156,4 +167,30 @@ def write_genai_config(folder: str | os.PathLike, decoder_file: str = DEFAULT_DE
     return path
 
 
-__all__ = ["GENAI_CONFIG", "genai_config", "write_genai_config"]
+def genai_greedy(folder: str | os.PathLike, input_ids: Sequence[int], max_new_tokens: int) -> list[int]:
+    """Prompt + greedy tokens from onnxruntime-genai running ``folder`` as it is (``og.Model(folder)``).
+
+    Exactly ``max_new_tokens`` are generated (EOS does not stop early), to compare with transformers'
+    ``generate(..., min_new_tokens=max_new_tokens, max_new_tokens=max_new_tokens, do_sample=False)``.
+
+    Raises:
+        BackendUnavailableError: onnxruntime-genai is not installed.
+    """
+    try:
+        import onnxruntime_genai as og
+    except ImportError as exc:
+        from skipit.errors import BackendUnavailableError
+
+        raise BackendUnavailableError("onnxruntime-genai is not installed: pip install onnxruntime-genai") from exc
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    total = len(input_ids) + max_new_tokens
+    params.set_search_options(max_length=total, min_length=total, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens([int(t) for t in input_ids])
+    while not generator.is_done():
+        generator.generate_next_token()
+    return [int(t) for t in generator.get_sequence(0)]
+
+
+__all__ = ["GENAI_CONFIG", "genai_config", "genai_greedy", "write_genai_config"]

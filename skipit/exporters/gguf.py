@@ -25,6 +25,7 @@ to a sliding-window slot is refused instead of written.
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import re
 import tempfile
@@ -158,11 +159,11 @@ def _plan(reader: Any, source: Path, removed: Sequence[int], gguf: Any) -> _Plan
             f"{_ranges(extra) or 'none'}). The file is inconsistent or truncated; re-download or re-convert it"
         )
 
-    bad = sorted(i for i in set(removed) if not (isinstance(i, int) and 0 <= i < n))
+    bad = sorted((i for i in set(removed) if not (isinstance(i, numbers.Integral) and 0 <= i < n)), key=str)
     if bad:
         raise ExportError(f"blocks {bad} are not in {source} (it has blocks 0..{n - 1}); "
                           "pass the removed layers in original numbering (the certificate's layers)")
-    drop = set(removed)
+    drop = {int(i) for i in removed}
     if len(drop) >= n:
         raise ExportError(f"removing {len(drop)} of {n} blocks leaves no decoder block; keep at least one")
     nextn = int(_scalar(reader, f"{arch}.nextn_predict_layers") or 0)
@@ -282,7 +283,7 @@ def export_gguf(source_gguf: str | os.PathLike, removed: Sequence[int], out_path
         raise
     result = GgufExport(
         path=out_path, architecture=plan.arch, block_count_before=plan.n_blocks, block_count_after=len(plan.kept),
-        removed=tuple(sorted(set(removed))), tensors=len(plan.renamed), size_bytes=out_path.stat().st_size,
+        removed=tuple(i for i in range(plan.n_blocks) if i not in plan.kept), tensors=len(plan.renamed), size_bytes=out_path.stat().st_size,
         source_size_bytes=source.stat().st_size,
         sliced_keys=tuple(k for k in plan.changed if k != f"{plan.arch}.block_count"),
     )

@@ -519,7 +519,7 @@ def export_text_decoder(
         _save(model_ir, staged / ONNX_SUBDIR / MODEL_FILE, external)
         del model_ir
         copy_side_files(model_dir, staged)
-        write_genai_config(staged, f"{ONNX_SUBDIR}/{MODEL_FILE}")  # onnxruntime-genai loads out_dir as is
+        write_genai_config(staged, f"{ONNX_SUBDIR}/{MODEL_FILE}", strict=False)  # onnxruntime-genai loads out_dir as is
         if config.verify:
             verify_against_torch(reference, staged / ONNX_SUBDIR / MODEL_FILE, geo, config)
         move_into_place(staged, out_dir)
