@@ -91,6 +91,7 @@ def test_block_drop_renumbers_slices_and_keeps_bytes(tmp_path: Path) -> None:
     src = write_gguf(tmp_path / "src.gguf")
     result = export_gguf(src, [np.int64(4), 1, 2, 2], tmp_path / "out.gguf")  # certificate order, numpy ints
     assert result.removed == (1, 2, 4)
+    assert result.as_dict()["file"] == "out.gguf" and "path" not in result.as_dict()
     assert result.path == tmp_path / "out.gguf" and result.block_count_after == 3
     assert result.sliced_keys == ("llama.attention.head_count",)
     reader = gguf.GGUFReader(result.path)

@@ -54,7 +54,11 @@ _REFUSED = {
 
 @dataclass(frozen=True)
 class GgufExport:
-    """What :func:`export_gguf` wrote (``path``) and what it changed; ``as_dict()`` for the manifest."""
+    """What :func:`export_gguf` wrote (``path``) and what it changed.
+
+    ``as_dict()`` is for the manifest: it names the file (``file``), not its absolute path, which points
+    into a staging folder while the pipeline runs.
+    """
 
     path: Path
     architecture: str
@@ -68,7 +72,8 @@ class GgufExport:
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["path"] = str(self.path)
+        d["file"] = self.path.name
+        del d["path"]
         return d
 
 
