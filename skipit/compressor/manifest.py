@@ -5,8 +5,11 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import platform
+import re
 from pathlib import Path
 from typing import Any
+
+from skipit.compressor.gguf_meta import gguf_header_fields
 
 MANIFEST_NAME = "skipit_manifest.json"
 
@@ -70,8 +73,8 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def model_card(manifest: dict[str, Any]) -> str:
-    """A README.md for the output directory, stating what was removed and the measured parity."""
+def _facts_table(manifest: dict[str, Any]) -> str:
+    """The markdown table of what was removed and the held-out parity (both cards show it)."""
     cert = manifest["certificate"]
     hold = cert["holdout"]
     layers = manifest["layers"]
@@ -79,15 +82,7 @@ def model_card(manifest: dict[str, Any]) -> str:
     bound = f"{policy['max_kl']} nats/token" if policy.get("max_kl") is not None else "none (layer budget only)"
     src = manifest["source"]
     ver = manifest["versions"]
-    return f"""---
-tags: [skipit, layer-pruning]
----
-# {Path(src['path']).name} — {layers['removed'].__len__()} of {layers['original']} decoder layers removed by skipit
-
-This is a plain Hugging Face checkpoint (`model/`): load it with `transformers`
-(`AutoModelForCausalLM` / `AutoModelForImageTextToText`), no skipit and no custom code needed.
-
-| | |
+    return f"""| | |
 |---|---|
 | source | `{src['path']}` ({manifest['architecture']}) |
 | decoder layers | {layers['original']} → {layers['slim']} |
@@ -98,11 +93,141 @@ This is a plain Hugging Face checkpoint (`model/`): load it with `transformers`
 | held-out data | {hold['kl']['n']} samples, {hold['tokens']} text tokens, {manifest['calibration']['description']} |
 | forward passes used | {cert['passes']['calibration']} calibration + {cert['passes']['holdout']} held-out |
 | made with | skipit {ver['skipit']}, transformers {ver['transformers']}, torch {ver['torch']} |
+"""
 
+
+def model_card(manifest: dict[str, Any]) -> str:
+    """A README.md for the output directory, stating what was removed and the measured parity."""
+    cert = manifest["certificate"]
+    layers = manifest["layers"]
+    src = manifest["source"]
+    return f"""---
+tags: [skipit, layer-pruning]
+---
+# {Path(src['path']).name} — {layers['removed'].__len__()} of {layers['original']} decoder layers removed by skipit
+
+This is a plain Hugging Face checkpoint (`model/`): load it with `transformers`
+(`AutoModelForCausalLM` / `AutoModelForImageTextToText`), no skipit and no custom code needed.
+
+{_facts_table(manifest)}
 **What the bound means.** {cert['statement']} It was measured on a held-out split that played
 no part in choosing the layers. It is a statement about data like that split: other kinds of text
 (code, other languages, long contexts) can degrade more. Check on your own data with
 `skipit validate` before shipping.
 
 Full evidence (per-layer scores, every verified step, config changes): `skipit_manifest.json`.
+"""
+
+
+# --------------------------------------------------------------------------------------------------
+# The card inside model/: what the Hub shows when model/ is uploaded
+# --------------------------------------------------------------------------------------------------
+_HUB_URL = re.compile(r"https?://(?:www\.)?huggingface\.co/(?!datasets/|spaces/)([\w.-]+/[\w.-]+)/?$")
+_LICENSE_KEYS = ("license", "license_name", "license_link")
+
+
+def front_matter(text: str) -> dict[str, Any]:
+    """The YAML front matter of a model card (``---`` … ``---`` at the top), or {} when it has none or
+    it is not a mapping."""
+    import yaml
+
+    if not text.startswith("---"):
+        return {}
+    end = text.find("\n---", 3)
+    if end < 0:
+        return {}
+    try:
+        data = yaml.safe_load(text[3:end])
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def source_card_metadata(source: str | Path) -> dict[str, Any]:
+    """License and Hub id of the model skipit was given, from what it carries.
+
+    A model directory: its ``README.md`` front matter (``license``, ``license_name``, ``license_link``)
+    and ``config.json`` (``license``, when a checkpoint states one there). A GGUF file: its
+    ``general.license`` and, as ``base_model``, ``general.source.huggingface.repository`` (or a
+    huggingface.co ``general.source.url``), the repository it was converted from.
+    """
+    source = Path(source)
+    found: dict[str, Any] = {}
+    if source.is_file() and source.suffix == ".gguf":
+        fields = gguf_header_fields(source, ("general.license", "general.source.huggingface.repository",
+                                       "general.source.url"))
+        if fields.get("general.license"):
+            found["license"] = fields["general.license"]
+        repo = fields.get("general.source.huggingface.repository")
+        url = _HUB_URL.match(fields.get("general.source.url") or "")
+        if repo or url:
+            found["base_model"] = repo or url.group(1)  # type: ignore[union-attr]
+        return found
+    readme, config = source / "README.md", source / "config.json"
+    if config.is_file():
+        try:
+            license_ = json.loads(config.read_text()).get("license")
+        except ValueError:
+            license_ = None
+        if isinstance(license_, str) and license_:
+            found["license"] = license_
+    if readme.is_file():
+        meta = front_matter(readme.read_text(errors="replace"))
+        found.update({k: meta[k] for k in _LICENSE_KEYS if meta.get(k)})
+    return found
+
+
+def hub_model_card(manifest: dict[str, Any], *, pipeline_tag: str, metadata: dict[str, Any] | None = None,
+                   base_model: str | None = None) -> str:
+    """A README.md for ``model/`` that gives a proper Hugging Face Hub page when ``model/`` is uploaded.
+
+    YAML front matter (the Hub's model-card metadata): ``base_model`` (the ``base_model`` argument, else
+    ``metadata['base_model']``; left out when unknown, since a local path is not a Hub id),
+    ``library_name: transformers``, ``pipeline_tag``, the source's license fields and ``tags``. The body
+    says what was removed, shows the held-out parity and how to load the checkpoint.
+
+    Args:
+        manifest: the run's manifest (:func:`build_manifest`).
+        pipeline_tag: ``text-generation`` or ``image-text-to-text``.
+        metadata: what :func:`source_card_metadata` found in the source (license, base_model).
+        base_model: the source's Hub id, when the model was given as one (overrides ``metadata``).
+    """
+    import yaml
+
+    metadata = metadata or {}
+    layers = manifest["layers"]
+    hub_id = base_model or metadata.get("base_model")
+    front: dict[str, Any] = {}
+    if hub_id:
+        front["base_model"] = hub_id
+    front["library_name"] = "transformers"
+    front["pipeline_tag"] = pipeline_tag
+    front.update({k: metadata[k] for k in _LICENSE_KEYS if metadata.get(k)})
+    front["tags"] = ["skipit", "layer-pruning", "pruned"]
+    name = hub_id or Path(manifest["source"]["path"]).name
+    auto = "AutoModelForImageTextToText" if pipeline_tag == "image-text-to-text" else "AutoModelForCausalLM"
+    loader = "AutoProcessor" if pipeline_tag == "image-text-to-text" else "AutoTokenizer"
+    base_line = f"[{hub_id}](https://huggingface.co/{hub_id})" if hub_id else f"`{name}`"
+    cert = manifest["certificate"]
+    healed = ("The layers next to the gaps were then healed (distilled toward the original); details in the "
+              "run's skipit_manifest.json." if cert.get("healing") else
+              "The kept layers' weights are the original's, unchanged.")
+    return f"""---
+{yaml.safe_dump(front, sort_keys=False, allow_unicode=True).strip()}
+---
+# {name} with {len(layers['removed'])} of {layers['original']} decoder layers removed
+
+{base_line} with decoder layers {', '.join(map(str, layers['removed']))} removed by
+[skipit](https://pypi.org/project/skipit/) ({layers['original']} → {layers['slim']} layers), chosen and
+verified on held-out data. {healed} Same tokenizer and chat template.
+
+```python
+from transformers import {auto}, {loader}
+model = {auto}.from_pretrained("REPO_OR_FOLDER")
+{loader.lower().replace('auto', '')} = {loader}.from_pretrained("REPO_OR_FOLDER")
+```
+
+{_facts_table(manifest)}
+**What the bound means.** {cert['statement']} It holds for data like the held-out
+split; other kinds of text can degrade more. Check on your own data before relying on it.
 """

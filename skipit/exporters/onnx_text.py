@@ -12,6 +12,7 @@ default file name)::
         tokenizer.json, tokenizer_config.json, …    copied when present (see _TOKENIZER_FILES)
         onnx/model.onnx                             the graph
         onnx/model.onnx_data                        the weights, only when large (external data)
+        genai_config.json                           for onnxruntime-genai (og.Model(out_dir)), see skipit.exporters.genai
 
 In skipit's pipeline this is ``export_text_decoder(slim_dir, OUT / "onnx")``: ``OUT/onnx`` is then a
 self-contained ONNX model folder.
@@ -471,6 +472,7 @@ def export_text_decoder(
     import torch
 
     from skipit.errors import OutputExistsError
+    from skipit.exporters.genai import write_genai_config
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     target = out_dir / ONNX_SUBDIR / MODEL_FILE
@@ -517,6 +519,7 @@ def export_text_decoder(
         _save(model_ir, staged / ONNX_SUBDIR / MODEL_FILE, external)
         del model_ir
         copy_side_files(model_dir, staged)
+        write_genai_config(staged, f"{ONNX_SUBDIR}/{MODEL_FILE}", strict=False)  # onnxruntime-genai loads out_dir as is
         if config.verify:
             verify_against_torch(reference, staged / ONNX_SUBDIR / MODEL_FILE, geo, config)
         move_into_place(staged, out_dir)
