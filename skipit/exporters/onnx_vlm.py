@@ -90,6 +90,7 @@ from skipit.exporters.onnx_text import (
     TOTAL,
     cache_kwarg,
     copy_side_files,
+    dynamo_translations,
     forward_with_past,
     initializer_bytes,
     kv_geometry,
@@ -498,6 +499,7 @@ def _export_graph(graph: _Graph, route: str, config: OnnxExportConfig, tmp: Path
                 dynamic_shapes=_dynamic_shapes(graph.args, graph.input_names, graph.axes),
                 input_names=graph.input_names, output_names=graph.output_names,
                 opset_version=config.opset, optimize=True, verbose=False,
+                custom_translation_table=dynamo_translations(),
             )
             model_ir = program.model
             _rename_dims(model_ir, graph.axes)
