@@ -68,7 +68,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from skipit.errors import ExportError, InvalidOptionError, ModelLoadError
+from skipit.errors import ExportError, ExportMismatchError, InvalidOptionError, ModelLoadError
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -668,7 +668,7 @@ def verify_against_torch(reference: Any, onnx_path: Path, geo: KvGeometry, confi
         atol = 1e-3 if config.dtype == "fp32" else 2e-2 * max(1.0, float(np.abs(ref1).max()))
     log.info("ONNX vs torch: max abs logits error %.3g (tolerance %.3g)", err, atol)
     if not err <= atol:
-        raise ExportError(
+        raise ExportMismatchError(
             f"exported graph {onnx_path.name} differs from the torch model: max abs logits error {err:.3g} > "
             f"{atol:.3g} (prefill with padding + one cached decode step). Try exporter='legacy' or "
             f"dtype='fp32', or pass verify_atol= if the difference is expected"
