@@ -238,7 +238,8 @@ VLM_ARCHS: list[str] = [k for k, s in SPECS.items() if s.is_vlm]
 # One more tiny VLM per architecture with other dimensions than SPECS: 8 decoder layers (MHA, hidden 64),
 # patch 8 instead of 14, grids that are not powers of two (6x6 patches: Idefics3's float position buckets),
 # and processors that do not force one image size (Qwen: variable grids; Idefics3: image splitting on).
-# They are built by `build_variant` and used by the VLM end-to-end tests; SPECS stays as other tests know it.
+# `build(name, dir)` builds them (conftest's tiny_model_dir(name) too) for the VLM end-to-end tests;
+# SPECS stays as the other tests know it.
 P8 = 8
 LAYER_TYPES_8 = [*LAYER_TYPES, "sliding_attention", "full_attention"]
 TEXT_8 = dict(TEXT, num_hidden_layers=len(LAYER_TYPES_8), num_key_value_heads=4, intermediate_size=96)
@@ -248,10 +249,23 @@ QWEN_VL_IMAGE_PROCESSOR_P8 = (
     "Qwen2VLImageProcessor" + _PIL,
     dict(size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64}, patch_size=P8, merge_size=2),
 )
+
+
+def _variant(arch: str, **changes: Any) -> Spec:
+    """``SPECS[arch]`` with other fields (config, processors)."""
+    return replace(SPECS[arch], arch=arch, **changes)
+
+
+def _qwen_vl_p8(arch: str, vision_config: dict[str, Any]) -> Spec:
+    """Qwen2-VL / Qwen2.5-VL with the 8-layer decoder and the variable-size image processor."""
+    text_config = dict(TEXT_8, **QWEN_SLIDING_8, **MROPE)
+    return _variant(arch, config=dict(QWEN_VL_TOP, text_config=text_config, vision_config=vision_config),
+                    image_processor=QWEN_VL_IMAGE_PROCESSOR_P8)
+
+
 VARIANTS: dict[str, Spec] = {
-    "llava-p8": replace(
-        SPECS["LlavaForConditionalGeneration"],
-        arch="LlavaForConditionalGeneration",
+    "llava-p8": _variant(
+        "LlavaForConditionalGeneration",
         config=dict(
             SPECS["LlavaForConditionalGeneration"].config,
             text_config=dict(TEXT_8, model_type="llama"),
@@ -265,37 +279,23 @@ VARIANTS: dict[str, Spec] = {
         image_processor=("CLIPImageProcessor" + _PIL, dict(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48})),
         processor=("LlavaProcessor", dict(patch_size=P8, vision_feature_select_strategy="default", num_additional_image_tokens=1)),
     ),
-    "qwen2-vl-p8": replace(
-        SPECS["Qwen2VLForConditionalGeneration"],
-        arch="Qwen2VLForConditionalGeneration",
-        config=dict(
-            QWEN_VL_TOP,
-            text_config=dict(TEXT_8, **QWEN_SLIDING_8, **MROPE),
-            vision_config=dict(depth=3, embed_dim=48, hidden_size=64, num_heads=3, mlp_ratio=2, patch_size=P8,
-                               spatial_merge_size=2),
-        ),
-        image_processor=QWEN_VL_IMAGE_PROCESSOR_P8,
+    "qwen2-vl-p8": _qwen_vl_p8(
+        "Qwen2VLForConditionalGeneration",
+        dict(depth=3, embed_dim=48, hidden_size=64, num_heads=3, mlp_ratio=2, patch_size=P8, spatial_merge_size=2),
     ),
-    "qwen2.5-vl-p8": replace(
-        SPECS["Qwen2_5_VLForConditionalGeneration"],
-        arch="Qwen2_5_VLForConditionalGeneration",
-        config=dict(
-            QWEN_VL_TOP,
-            text_config=dict(TEXT_8, **QWEN_SLIDING_8, **MROPE),
-            vision_config=dict(
-                depth=3, hidden_size=48, intermediate_size=96, num_heads=3, out_hidden_size=64, patch_size=P8,
-                spatial_merge_size=2,
-                window_size=3 * 2 * P8,  # 3x3 merged tokens per window: images of 2..4 merged tokens a side pad it
-                fullatt_block_indexes=[0, 2],
-            ),
+    "qwen2.5-vl-p8": _qwen_vl_p8(
+        "Qwen2_5_VLForConditionalGeneration",
+        dict(
+            depth=3, hidden_size=48, intermediate_size=96, num_heads=3, out_hidden_size=64, patch_size=P8,
+            spatial_merge_size=2,
+            window_size=3 * 2 * P8,  # 3x3 merged tokens per window: images of 2..4 merged tokens a side pad it
+            fullatt_block_indexes=[0, 2],
         ),
-        image_processor=QWEN_VL_IMAGE_PROCESSOR_P8,
     ),
     # the configuration of issue 10: a 6x6 patch grid (image 48, patch 8), 9 image tokens per crop, image
     # splitting on (up to 2x2 crops of 48 + the global image)
-    "idefics3-p8": replace(
-        SPECS["Idefics3ForConditionalGeneration"],
-        arch="Idefics3ForConditionalGeneration",
+    "idefics3-p8": _variant(
+        "Idefics3ForConditionalGeneration",
         config=dict(
             text_config=dict(TEXT_8, model_type="llama"),
             vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=3,

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from skipit.errors import ExportMismatchError, InvalidOptionError
+from skipit.errors import ExportMismatchError, InvalidOptionError, SkipitError
 from skipit.validators.compare import GenerationComparison, LogitComparison, compare_generation, compare_logits
 
 log = logging.getLogger(__name__)
@@ -114,8 +114,6 @@ def _eos(slim: Any, tokenizer: Any) -> Any:
 
 def _onnx_run(path: Path, what: str, run: Any) -> Any:
     """``run()``; an onnxruntime failure is an export that cannot serve the input (exit code 6)."""
-    from skipit.errors import SkipitError
-
     try:
         return run()
     except SkipitError:
