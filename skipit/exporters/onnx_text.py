@@ -410,8 +410,13 @@ def dynamo_translations() -> dict[Any, Any]:
     """
     import onnx_ir as ir
     import torch
-    from onnxscript import opset18 as op
-    from onnxscript.function_libs.torch_lib.ops.core import aten_arange_start_step
+
+    try:
+        from onnxscript import opset18 as op
+        from onnxscript.function_libs.torch_lib.ops.core import aten_arange_start_step
+    except ImportError as exc:  # pragma: no cover - another onnxscript layout: torchlib's own translation
+        log.debug("constant-arange translation unavailable (%s); float aranges may be sized in float32", exc)
+        return {}
 
     # ONNX dtype codes (absent: torch's default float dtype) → torch dtype
     float_dtypes = {-1: None, None: None, ir.DataType.FLOAT: torch.float32, ir.DataType.DOUBLE: torch.float64}

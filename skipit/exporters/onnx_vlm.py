@@ -757,6 +757,8 @@ def _served(what: str, run: Callable[[], Any]) -> Any:
     """``run()``; an onnxruntime failure becomes an :class:`ExportMismatchError` naming the input."""
     try:
         return run()
+    except ExportMismatchError as exc:  # the runner refused an input shape: say which verification input it was
+        raise ExportMismatchError(f"{exc} (verifying the export on {what})") from None
     except SkipitError:
         raise
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BackendParityConfig:
-    """How much to compare: ``samples`` text samples, each cut to ``max_tokens``; ``new_tokens`` greedy tokens."""
+    """How much to compare: ``samples`` text samples (split VLM graphs: ``samples`` image+text and ``samples``
+    text-only ones), each cut to ``max_tokens`` (text); ``new_tokens`` greedy tokens; ``atol`` on the logits."""
 
     samples: int = 4
     max_tokens: int = 64
