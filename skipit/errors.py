@@ -45,6 +45,13 @@ class ExportError(SkipitError):
     """An export (ONNX / TensorRT) failed or its output does not match the model."""
 
 
+class ExportMismatchError(ExportError):
+    """An exported graph runs but disagrees with the torch model, or cannot serve an input the model (and its
+    processor) accepts. Exit code 6, as the validation gate's "export mismatch"."""
+
+    exit_code = 6
+
+
 class BackendUnavailableError(SkipitError):
     """An optional backend (TensorRT, CUDA) is not installed or has no device to run on."""
 

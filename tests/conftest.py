@@ -26,12 +26,13 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_root: Path):
-    """Build (once per session) and return the directory of the tiny model for an architecture."""
+    """Build (once per session) and return the directory of the tiny model for an architecture (a
+    ``tiny_models.SPECS`` class name) or a second configuration (a ``tiny_models.VARIANTS`` key)."""
     cache: dict[str, Path] = {}
 
     def get(arch: str) -> Path:
         if arch not in cache:
-            cache[arch] = tiny_models.ARCHITECTURES[arch](tiny_root / arch)
+            cache[arch] = tiny_models.build(arch, tiny_root / arch)
         return cache[arch]
 
     return get

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -113,6 +113,7 @@ class Spec:
     processor: tuple[str, dict] | None = None  # (class name, kwargs)
     image_prompt: str = ""  # what to put in the text where the image goes
     text_key: str | None = None  # sub-config holding the decoder (None: top-level config)
+    arch: str | None = None  # model class, when the table key is not the class name (VARIANTS)
 
     @property
     def is_vlm(self) -> bool:
@@ -233,6 +234,83 @@ SPECS: dict[str, Spec] = {
 TEXT_ARCHS: list[str] = [k for k, s in SPECS.items() if not s.is_vlm]
 VLM_ARCHS: list[str] = [k for k, s in SPECS.items() if s.is_vlm]
 
+# --------------------------------------------------------------------------- second configurations
+# One more tiny VLM per architecture with other dimensions than SPECS: 8 decoder layers (MHA, hidden 64),
+# patch 8 instead of 14, grids that are not powers of two (6x6 patches: Idefics3's float position buckets),
+# and processors that do not force one image size (Qwen: variable grids; Idefics3: image splitting on).
+# `build(name, dir)` builds them (conftest's tiny_model_dir(name) too) for the VLM end-to-end tests;
+# SPECS stays as the other tests know it.
+P8 = 8
+LAYER_TYPES_8 = [*LAYER_TYPES, "sliding_attention", "full_attention"]
+TEXT_8 = dict(TEXT, num_hidden_layers=len(LAYER_TYPES_8), num_key_value_heads=4, intermediate_size=96)
+QWEN_SLIDING_8 = dict(QWEN_SLIDING, layer_types=LAYER_TYPES_8)
+# min/max pixels 32x32 .. 64x64 with factor 16 (patch 8 x merge 2): 2x2 .. 4x4 merged tokens, any aspect ratio
+QWEN_VL_IMAGE_PROCESSOR_P8 = (
+    "Qwen2VLImageProcessor" + _PIL,
+    dict(size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64}, patch_size=P8, merge_size=2),
+)
+
+
+def _variant(arch: str, **changes: Any) -> Spec:
+    """``SPECS[arch]`` with other fields (config, processors)."""
+    return replace(SPECS[arch], arch=arch, **changes)
+
+
+def _qwen_vl_p8(arch: str, vision_config: dict[str, Any]) -> Spec:
+    """Qwen2-VL / Qwen2.5-VL with the 8-layer decoder and the variable-size image processor."""
+    text_config = dict(TEXT_8, **QWEN_SLIDING_8, **MROPE)
+    return _variant(arch, config=dict(QWEN_VL_TOP, text_config=text_config, vision_config=vision_config),
+                    image_processor=QWEN_VL_IMAGE_PROCESSOR_P8)
+
+
+VARIANTS: dict[str, Spec] = {
+    "llava-p8": _variant(
+        "LlavaForConditionalGeneration",
+        config=dict(
+            SPECS["LlavaForConditionalGeneration"].config,
+            text_config=dict(TEXT_8, model_type="llama"),
+            vision_config=dict(
+                model_type="clip_vision_model", hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                num_attention_heads=3, image_size=48, patch_size=P8, projection_dim=48,
+            ),
+            image_seq_length=(48 // P8) ** 2,
+            vision_feature_layer=-2,
+        ),
+        image_processor=("CLIPImageProcessor" + _PIL, dict(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48})),
+        processor=("LlavaProcessor", dict(patch_size=P8, vision_feature_select_strategy="default", num_additional_image_tokens=1)),
+    ),
+    "qwen2-vl-p8": _qwen_vl_p8(
+        "Qwen2VLForConditionalGeneration",
+        dict(depth=3, embed_dim=48, hidden_size=64, num_heads=3, mlp_ratio=2, patch_size=P8, spatial_merge_size=2),
+    ),
+    "qwen2.5-vl-p8": _qwen_vl_p8(
+        "Qwen2_5_VLForConditionalGeneration",
+        dict(
+            depth=3, hidden_size=48, intermediate_size=96, num_heads=3, out_hidden_size=64, patch_size=P8,
+            spatial_merge_size=2,
+            window_size=3 * 2 * P8,  # 3x3 merged tokens per window: images of 2..4 merged tokens a side pad it
+            fullatt_block_indexes=[0, 2],
+        ),
+    ),
+    # the configuration of issue 10: a 6x6 patch grid (image 48, patch 8), 9 image tokens per crop, image
+    # splitting on (up to 2x2 crops of 48 + the global image)
+    "idefics3-p8": _variant(
+        "Idefics3ForConditionalGeneration",
+        config=dict(
+            text_config=dict(TEXT_8, model_type="llama"),
+            vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=3,
+                               image_size=48, patch_size=P8),
+            image_token_id=Tok("<image>"),
+            scale_factor=2,
+        ),
+        image_processor=(
+            "Idefics3ImageProcessor" + _PIL,
+            dict(do_image_splitting=True, size={"longest_edge": 96}, max_image_size={"longest_edge": 48}),
+        ),
+        processor=("Idefics3Processor", dict(image_seq_len=(48 // P8) ** 2 // 4)),
+    ),
+}
+
 
 # --------------------------------------------------------------------------- tokenizer
 
@@ -269,10 +347,15 @@ def _resolve(obj: Any, tokenizer) -> Any:
 # --------------------------------------------------------------------------- build
 
 
+def _spec(name: str) -> Spec:
+    """A table entry: a model class of SPECS or a configuration of VARIANTS."""
+    return SPECS[name] if name in SPECS else VARIANTS[name]
+
+
 def build_config(name: str, tokenizer) -> transformers.PreTrainedConfig:
-    spec = SPECS[name]
+    spec = _spec(name)
     kwargs = _resolve(spec.config, tokenizer)
-    kwargs["architectures"] = [name]
+    kwargs["architectures"] = [spec.arch or name]
     kwargs["tie_word_embeddings"] = spec.tie
     if spec.text_key:
         kwargs[spec.text_key]["tie_word_embeddings"] = spec.tie
@@ -280,8 +363,8 @@ def build_config(name: str, tokenizer) -> transformers.PreTrainedConfig:
 
 
 def build(name: str, out_dir: Path) -> Path:
-    """Build the tiny random ``name`` model, save it with its tokenizer/processor."""
-    spec = SPECS[name]
+    """Build the tiny random ``name`` model (a SPECS class or a VARIANTS key), save it with its tokenizer/processor."""
+    spec = _spec(name)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # 4.x processors type-check their tokenizer (Qwen2-VL wants a Qwen2 tokenizer); 5.x accepts any fast one.
@@ -291,7 +374,7 @@ def build(name: str, out_dir: Path) -> Path:
 
     torch.manual_seed(SEED)
     config = build_config(name, tokenizer)
-    model = getattr(transformers, name)(config).eval()
+    model = getattr(transformers, spec.arch or name)(config).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir)
 
@@ -354,11 +437,13 @@ def load_processor(model_dir: Path):
 
 
 def make_inputs(model_dir: Path, text: str, image=None) -> dict:
-    """Batch of one, ready for ``model(**inputs)`` / ``model.generate(**inputs)``."""
+    """Batch of one, ready for ``model(**inputs)`` / ``model.generate(**inputs)``; ``image`` may be a list
+    (one image placeholder per image, in front of the text)."""
     model_dir = Path(model_dir)
     spec = SPECS[_arch(model_dir)]
     proc = load_processor(model_dir)
     if image is None:
         return dict(proc(text=[text], return_tensors="pt"))
     assert spec.is_vlm, "image given for a text-only model"
-    return dict(proc(text=[spec.image_prompt + text], images=[image], return_tensors="pt"))
+    images = list(image) if isinstance(image, (list, tuple)) else [image]
+    return dict(proc(text=[spec.image_prompt * len(images) + text], images=[images], return_tensors="pt"))

@@ -69,7 +69,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from skipit.errors import ExportError, InvalidOptionError, ModelLoadError
+from skipit.errors import ExportError, ExportMismatchError, InvalidOptionError, ModelLoadError
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -355,6 +355,7 @@ def _dynamo_export(wrapper: Any, args: tuple, geo: KvGeometry, config: OnnxExpor
         opset_version=config.opset,
         optimize=True,
         verbose=False,
+        custom_translation_table=dynamo_translations(),
     )
 
 
@@ -396,6 +397,40 @@ def _legacy_export(wrapper: Any, args: tuple, path: Path, geo: KvGeometry, confi
             opset_version=config.opset,
             do_constant_folding=True,
         )
+
+
+def dynamo_translations() -> dict[Any, Any]:
+    """Custom ATen → ONNX translations for ``torch.onnx.export(dynamo=True, custom_translation_table=…)``.
+
+    ``aten.arange.start_step`` with constant, non-integral arguments becomes the constant torch computes.
+    torch sizes a float ``arange`` in double precision, the ONNX ``Range`` that torchlib emits in float32,
+    so the two can differ by one element while ops traced after it keep torch's length: Idefics3's
+    ``torch.arange(1/6, 1.0, 1/6)`` (position buckets of a 6×6 patch grid) has 6 elements in torch and 5
+    in ONNX, and its ``bucketize`` then gathers out of range (onnxruntime: "GatherND … invalid index
+    found, index = 5"). Dynamic or all-integer arguments keep torchlib's translation.
+    """
+    import onnx_ir as ir
+    import torch
+
+    try:
+        from onnxscript import opset18 as op
+        from onnxscript.function_libs.torch_lib.ops.core import aten_arange_start_step
+    except ImportError as exc:  # pragma: no cover - another onnxscript layout: torchlib's own translation
+        log.debug("constant-arange translation unavailable (%s); float aranges may be sized in float32", exc)
+        return {}
+
+    # ONNX dtype codes (absent: torch's default float dtype) → torch dtype
+    float_dtypes = {-1: None, None: None, ir.DataType.FLOAT: torch.float32, ir.DataType.DOUBLE: torch.float64}
+
+    def arange_start_step(start: Any, end: Any, step: Any = 1, dtype: int = -1, layout: str = "",
+                          device: str = "", pin_memory: bool = False) -> Any:
+        args = (start, end, step)
+        constant = all(isinstance(x, (int, float)) for x in args) and not all(isinstance(x, int) for x in args)
+        if not constant or dtype not in float_dtypes:
+            return aten_arange_start_step(start, end, step, dtype, layout, device, pin_memory)
+        return op.Constant(value=ir.tensor(torch.arange(start, end, step, dtype=float_dtypes[dtype]).numpy()))
+
+    return {torch.ops.aten.arange.start_step: arange_start_step}
 
 
 @contextlib.contextmanager
@@ -641,7 +676,7 @@ def verify_against_torch(reference: Any, onnx_path: Path, geo: KvGeometry, confi
         atol = 1e-3 if config.dtype == "fp32" else 2e-2 * max(1.0, float(np.abs(ref1).max()))
     log.info("ONNX vs torch: max abs logits error %.3g (tolerance %.3g)", err, atol)
     if not err <= atol:
-        raise ExportError(
+        raise ExportMismatchError(
             f"exported graph {onnx_path.name} differs from the torch model: max abs logits error {err:.3g} > "
             f"{atol:.3g} (prefill with padding + one cached decode step). Try exporter='legacy' or "
             f"dtype='fp32', or pass verify_atol= if the difference is expected"

@@ -56,9 +56,19 @@ notable parts:
   traces with dynamo once the batch axis is folded into the image axis (it splits its output per batch
   row with ``.tolist()``, which would fix the batch size); the legacy exporter fails on its vision part.
 
-Every export is verified with onnxruntime against the torch model (vision features on inputs of another
-size than the trace used, embeddings, and a left-padded prefill plus one cached decode step) unless
-``verify=False``.
+Every export is verified with onnxruntime against the torch model unless ``verify=False``: vision features
+on synthetic inputs of other image counts and grids than the trace used, embeddings, a left-padded prefill
+plus one cached decode step, and — what a user's runtime sees — the checkpoint's own processor on images of
+other sizes and aspect ratios than the trace's, one of them a prompt with two images (``PROCESSOR_CHECKS``,
+per architecture also with other processor options, e.g. Idefics3's image splitting on and off): the vision
+features and the prefill logits of the whole prompt through the three graphs. An input a graph cannot serve
+raises :class:`~skipit.errors.ExportMismatchError` (exit code 6) naming it.
+
+Traced constants: a float ``torch.arange`` with constant arguments is sized in double precision by torch
+and in float32 by ONNX ``Range``; both exporters' dynamo route therefore emit torch's own values
+(:func:`skipit.exporters.onnx_text.dynamo_translations`), which Idefics3's position buckets of a 6×6 patch
+grid need. Fixed dimensions stay fixed only where the model or its processor fixes them (LLaVA's and
+Idefics3's crop size): :class:`OrtVlmRunner` refuses other shapes with a message naming the input.
 """
 
 from __future__ import annotations
@@ -75,7 +85,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 from skipit.compat import TRANSFORMERS_MAJOR, torchscript_patches
-from skipit.errors import ExportError, InvalidOptionError, ModelLoadError, UnsupportedArchitectureError
+from skipit.errors import (
+    ExportError,
+    ExportMismatchError,
+    InvalidOptionError,
+    ModelLoadError,
+    SkipitError,
+    UnsupportedArchitectureError,
+)
 from skipit.exporters.onnx_text import (
     BATCH,
     EXAMPLE_BATCH,
@@ -90,6 +107,7 @@ from skipit.exporters.onnx_text import (
     TOTAL,
     cache_kwarg,
     copy_side_files,
+    dynamo_translations,
     forward_with_past,
     initializer_bytes,
     kv_geometry,
@@ -146,6 +164,8 @@ class _VlmSpec:
         qwen_grid: compute the vision tower's grid-derived helper tensors inside the graph and run its
             attention with a block-diagonal mask (see module docstring).
         mrope: the decoder takes 3-D ``position_ids`` [3, batch, seq] (multimodal RoPE).
+        processor_options: processor call options the export is verified with, each on every image set of
+            ``PROCESSOR_CHECKS`` (options that change what reaches the vision graph, e.g. the number of crops).
         why: what was measured, for the routes left out.
     """
 
@@ -158,6 +178,7 @@ class _VlmSpec:
     fold_batch: bool = False
     qwen_grid: bool = False
     mrope: bool = False
+    processor_options: tuple[Mapping[str, Any], ...] = ({},)
     why: str = ""
 
 
@@ -243,6 +264,8 @@ _SPECS: dict[str, _VlmSpec] = {
         example_vision=_idefics3_examples,
         routes={"vision": ("dynamo",), "embed": _ALL, "decoder": _ALL},
         fold_batch=True,
+        # splitting on: each image becomes up to N×M crops plus the global image; off: one resized image
+        processor_options=({"do_image_splitting": True}, {"do_image_splitting": False}),
         # measured (torch 2.13): the TorchScript exporter fails on the vision part, "Unsupported: ONNX export
         # of operator Unfold, input size not accessible" (the pixel mask of the real images, selected by a
         # data-dependent mask, has no static size); dynamo traces it, padding-image removal included.
@@ -498,6 +521,7 @@ def _export_graph(graph: _Graph, route: str, config: OnnxExportConfig, tmp: Path
                 dynamic_shapes=_dynamic_shapes(graph.args, graph.input_names, graph.axes),
                 input_names=graph.input_names, output_names=graph.output_names,
                 opset_version=config.opset, optimize=True, verbose=False,
+                custom_translation_table=dynamo_translations(),
             )
             model_ir = program.model
             _rename_dims(model_ir, graph.axes)
@@ -699,31 +723,86 @@ def _tolerance(config: OnnxExportConfig, reference: "np.ndarray") -> float:
     return 1e-3 if config.dtype == "fp32" else 2e-2 * max(1.0, float(np.abs(reference).max()))
 
 
-def _verify(model: Any, spec: _VlmSpec, geo: KvGeometry, onnx_dir: Path, config: OnnxExportConfig) -> dict[str, float]:
-    """Compare every graph with the (unpatched, fp32) torch model; raise ExportError on mismatch."""
+# Image sets of the processor-driven verification, as (width, height) per image of one prompt: other sizes and
+# aspect ratios than the trace's square example, and two images in one prompt. Small: processors resize anyway.
+PROCESSOR_CHECKS: tuple[tuple[tuple[int, int], ...], ...] = (((61, 37),), ((40, 90),), ((52, 52), (90, 33)))
+_CHECK_TEXT = "What is in the picture?"
+
+
+@dataclass
+class _Errors:
+    """Worst error per graph over the verification inputs, and which input it was."""
+
+    worst: dict[str, tuple[float, float, str]] = field(default_factory=dict)  # key → (error, tolerance, input)
+
+    def add(self, key: str, got: "np.ndarray", ref: "np.ndarray", config: OnnxExportConfig, what: str) -> None:
+        import numpy as np
+
+        err = float(np.abs(got - ref).max()) if got.shape == ref.shape and np.isfinite(got).all() else float("inf")
+        atol = _tolerance(config, ref)
+        if key not in self.worst or err / atol > self.worst[key][0] / self.worst[key][1]:
+            self.worst[key] = (err, atol, what)
+
+    def raise_on_mismatch(self) -> dict[str, float]:
+        for key, (err, atol, what) in self.worst.items():
+            log.info("ONNX %s vs torch: max abs error %.3g (tolerance %.3g; worst on %s)", key, err, atol, what)
+            if not err <= atol:
+                raise ExportMismatchError(
+                    f"exported {key} differs from the torch model on {what}: max abs error {err:.3g} > {atol:.3g}. "
+                    f"Try another exporter, or pass verify_atol= if the difference is expected")
+        return {k: v[0] for k, v in self.worst.items()}
+
+
+def _served(what: str, run: Callable[[], Any]) -> Any:
+    """``run()``; an onnxruntime failure becomes an :class:`ExportMismatchError` naming the input."""
+    try:
+        return run()
+    except ExportMismatchError as exc:  # the runner refused an input shape: say which verification input it was
+        raise ExportMismatchError(f"{exc} (verifying the export on {what})") from None
+    except SkipitError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ExportMismatchError(
+            f"the exported graphs cannot serve {what}: onnxruntime: {first}. This is a bug in skipit's export of "
+            f"this architecture (something of the trace input was fixed in the graph); please report it") from None
+
+
+def _shapes(inputs: Mapping[str, Any], names: Sequence[str]) -> str:
+    return ", ".join(f"{n} {list(inputs[n].shape)}" for n in names if n in inputs)
+
+
+def _reference_features(model: Any, inputs: Mapping[str, "torch.Tensor"]) -> "np.ndarray":
+    """The unpatched model's image features for the vision inputs, as the rows the graph returns."""
+    import torch
+
+    with torch.no_grad():
+        ref = model.model.get_image_features(**inputs, return_dict=True).pooler_output
+    ref = torch.cat(list(ref)) if isinstance(ref, (list, tuple)) else ref
+    return ref.reshape(-1, ref.shape[-1]).float().numpy()
+
+
+def _check_vision(model: Any, spec: _VlmSpec, runner: "OrtVlmRunner", inputs: Mapping[str, "torch.Tensor"],
+                  errors: _Errors, config: OnnxExportConfig, what: str) -> None:
+    vision = {n: inputs[n] for n in spec.vision_inputs if n in inputs}
+    got = _served(f"{what} ({_shapes(vision, spec.vision_inputs)})",
+                  lambda: runner.image_features({k: v.numpy() for k, v in vision.items()}))
+    errors.add("vision graph", got, _reference_features(model, vision), config, what)
+
+
+def _check_decoder(model: Any, spec: _VlmSpec, geo: KvGeometry, runner: "OrtVlmRunner", errors: _Errors,
+                   config: OnnxExportConfig) -> None:
+    """Embeddings, then a left-padded prefill and one cached decode step on random embeddings."""
     import numpy as np
     import torch
     from transformers import DynamicCache
 
-    runner = OrtVlmRunner(onnx_dir.parent, onnx_dir=onnx_dir)
-    errors: dict[str, tuple[float, float]] = {}
-    _, checks = spec.example_vision(model)
-    for inputs in checks:
-        with torch.no_grad():
-            ref = model.model.get_image_features(**inputs, return_dict=True).pooler_output
-        ref = torch.cat(list(ref)) if isinstance(ref, (list, tuple)) else ref
-        ref = ref.reshape(-1, ref.shape[-1]).float().numpy()
-        got = runner.image_features({k: v.numpy() for k, v in inputs.items()})
-        err = float(np.abs(got - ref).max()) if got.shape == ref.shape else float("inf")
-        errors["vision"] = max(errors.get("vision", (0.0, 0.0)), (err, _tolerance(config, ref)))
-
-    hidden = int(model.config.get_text_config(decoder=True).hidden_size)
     ids = torch.randint(0, geo.vocab_size, (2, 6), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ref_embeds = model.get_input_embeddings()(ids)
-    got_embeds = runner.embed(ids.numpy())
-    errors["embed"] = (float(np.abs(got_embeds - ref_embeds.numpy()).max()), _tolerance(config, ref_embeds.numpy()))
+        ref_embeds = model.get_input_embeddings()(ids).numpy()
+    errors.add("embed graph", runner.embed(ids.numpy()), ref_embeds, config, "random token ids [2, 6]")
 
+    hidden = int(model.config.get_text_config(decoder=True).hidden_size)
     embeds, mask, positions, _ = _decoder_args(geo, hidden, torch.float32, spec.mrope, 2, 6, 0, left_pad=2, seed=1)
     embeds2, _, _, _ = _decoder_args(geo, hidden, torch.float32, spec.mrope, 2, 1, 0, seed=2)
     mask2 = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
@@ -733,20 +812,73 @@ def _verify(model: Any, spec: _VlmSpec, geo: KvGeometry, onnx_dir: Path, config:
         kw = {cache_kwarg(model): cache, "use_cache": True}
         ref1 = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **kw).logits.numpy()
         ref2 = model(inputs_embeds=embeds2, attention_mask=mask2, position_ids=positions2, **kw).logits.numpy()
-    logits, present = runner.decode_step(embeds.numpy(), mask.numpy(), positions.numpy())
-    logits2, _ = runner.decode_step(embeds2.numpy(), mask2.numpy(), positions2.numpy(), present)
-    real = mask.numpy()[:, :, None].astype(bool)
-    err = max(float(np.abs(np.where(real, logits - ref1, 0)).max()), float(np.abs(logits2 - ref2).max()))
-    errors["decoder"] = (err if np.isfinite(logits2).all() else float("inf"), _tolerance(config, ref1))
+    what = "a left-padded prefill [2, 6] and one cached decode step"
+    logits, present = _served(what, lambda: runner.decode_step(embeds.numpy(), mask.numpy(), positions.numpy()))
+    logits2, _ = _served(what, lambda: runner.decode_step(embeds2.numpy(), mask2.numpy(), positions2.numpy(), present))
+    real = mask.numpy()[:, :, None].astype(bool)  # padding positions are not compared
+    errors.add("decoder graph", np.where(real, logits, 0), np.where(real, ref1, 0), config, what)
+    errors.add("decoder graph", logits2, ref2, config, what)
 
-    for key, (err, atol) in errors.items():
-        log.info("ONNX %s graph vs torch: max abs error %.3g (tolerance %.3g)", key, err, atol)
-        if not err <= atol:
-            raise ExportError(
-                f"exported {key} graph differs from the torch model: max abs error {err:.3g} > {atol:.3g}. "
-                f"Try another exporter, or pass verify_atol= if the difference is expected"
-            )
-    return {k: v[0] for k, v in errors.items()}
+
+def _processor_inputs(model_dir: Path, arch: str, spec: _VlmSpec) -> list[tuple[str, dict[str, "torch.Tensor"]]]:
+    """(description, processor output) for every image set of ``PROCESSOR_CHECKS`` × ``spec.processor_options``;
+    empty (with a warning) when the checkpoint has no processor."""
+    import numpy as np
+    from PIL import Image
+
+    from skipit.compressor.arch import REGISTRY
+    from skipit.compressor.loading import LoadOptions, load_processor
+
+    try:
+        processor, _ = load_processor(model_dir, True, LoadOptions())
+    except ModelLoadError as exc:
+        processor, reason = None, str(exc)
+    else:
+        reason = "it has a tokenizer but no image processor"
+    if processor is None or not hasattr(processor, "image_processor"):
+        log.warning("%s: %s; the export is verified on synthetic pixel inputs only", model_dir, reason)
+        return []
+    slot = REGISTRY[arch].image_prompt.format(text="")
+    rng = np.random.default_rng(0)
+    cases = []
+    for sizes in PROCESSOR_CHECKS:
+        images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+        for options in spec.processor_options:
+            what = (f"a {sizes[0][0]}×{sizes[0][1]} image" if len(sizes) == 1 else
+                    f"{len(sizes)} images ({', '.join(f'{w}×{h}' for w, h in sizes)}) in one prompt")
+            what += "".join(f", {k}={v}" for k, v in options.items())
+            inputs = processor(text=[slot * len(images) + _CHECK_TEXT], images=[images], return_tensors="pt", **options)
+            cases.append((what, dict(inputs)))
+    return cases
+
+
+def _check_processor_inputs(model: Any, spec: _VlmSpec, runner: "OrtVlmRunner", cases: list[tuple[str, dict]],
+                            errors: _Errors, config: OnnxExportConfig) -> None:
+    """Per case: the vision features, and the prefill logits of the whole prompt through the three graphs."""
+    import torch
+
+    for what, inputs in cases:
+        _check_vision(model, spec, runner, inputs, errors, config, what)
+        with torch.no_grad():
+            ref = model(**inputs).logits.float().numpy()
+        ids, mask = inputs["input_ids"].numpy(), inputs["attention_mask"].numpy()
+        got = _served(f"{what} ({_shapes(inputs, ('input_ids', *spec.vision_inputs))})",
+                      lambda: runner.prefill(ids, inputs, mask)[0])
+        errors.add("image+text prefill", got, ref, config, what)
+
+
+def _verify(model: Any, model_dir: Path, arch: str, spec: _VlmSpec, geo: KvGeometry, onnx_dir: Path,
+            config: OnnxExportConfig) -> dict[str, float]:
+    """Compare the graphs with the (unpatched, fp32) torch model; raise ExportMismatchError on a mismatch or on
+    an input they cannot serve. Returns the worst error per check."""
+    runner = OrtVlmRunner(onnx_dir.parent, onnx_dir=onnx_dir)
+    errors = _Errors()
+    _, synthetic = spec.example_vision(model)
+    for i, inputs in enumerate(synthetic):
+        _check_vision(model, spec, runner, inputs, errors, config, f"synthetic vision input {i + 1}")
+    _check_decoder(model, spec, geo, runner, errors, config)
+    _check_processor_inputs(model, spec, runner, _processor_inputs(model_dir, arch, spec), errors, config)
+    return errors.raise_on_mismatch()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -824,7 +956,7 @@ def export_vlm(
             del model_ir
         _copy_files(model_dir, staged)
         if config.verify:
-            _verify(model, spec, geo, staged / ONNX_SUBDIR, config)
+            _verify(model, model_dir, arch, spec, geo, staged / ONNX_SUBDIR, config)
         move_into_place(staged, out_dir)
 
     log.info("split ONNX export of %s done in %.1f s: %s", model_dir.name, time.perf_counter() - started,
@@ -835,6 +967,24 @@ def export_vlm(
 # --------------------------------------------------------------------------------------------------
 # Runner
 # --------------------------------------------------------------------------------------------------
+def find_split_export(path: str | os.PathLike) -> tuple[Path, Path] | None:
+    """``(folder with config.json, folder with the three graphs)`` of a split export at ``path`` — the export
+    folder, its ``onnx/`` folder or one of its graph files — or None when ``path`` is no split export."""
+    path = Path(path)
+    if path.is_file():
+        candidates = [path.parent] if path.name in GRAPH_FILES else []
+    else:  # skipit-compress writes OUT/onnx/{config.json, onnx/*.onnx}
+        candidates = [path / ONNX_SUBDIR, path, path / ONNX_SUBDIR / ONNX_SUBDIR]
+    for onnx_dir in candidates:
+        if all((onnx_dir / name).is_file() for name in GRAPH_FILES):
+            for root in (onnx_dir.parent, onnx_dir):
+                if (root / "config.json").is_file():
+                    return root, onnx_dir
+            raise ExportError(f"{onnx_dir} holds split VLM graphs but no config.json beside them (looked in "
+                              f"{onnx_dir.parent} and {onnx_dir}); give the folder export_vlm wrote")
+    return None
+
+
 _NP_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
               "tensor(int32)": "int32", "tensor(bool)": "bool"}
 
@@ -960,7 +1110,19 @@ class OrtVlmRunner:
         if missing:
             raise InvalidOptionError(f"{self.architecture} needs pixel inputs {missing} (from its processor)")
         feed = {n: np.asarray(_numpy(pixel_inputs[n]), dtype=t) for n, t in self._vision_types.items()}
+        self._check_vision_shapes(feed)
         return self.vision.run(["image_features"], feed)[0]
+
+    def _check_vision_shapes(self, feed: Mapping[str, "np.ndarray"]) -> None:
+        """Refuse inputs whose rank or fixed dimensions differ from the graph's, naming them."""
+        for value in self.vision.get_inputs():
+            got, want = feed[value.name].shape, value.shape
+            if len(got) != len(want) or any(isinstance(w, int) and w != g for g, w in zip(got, want)):
+                shown = ", ".join(str(d) for d in want)
+                raise ExportMismatchError(
+                    f"{VISION_FILE} takes {value.name} of shape [{shown}] (the numbers are fixed in the graph: the "
+                    f"model's image size); got {list(got)}. This export cannot serve that input: use the processor "
+                    f"saved with the export, or export again from a checkpoint whose processor makes such inputs")
 
     def decode_step(self, inputs_embeds: "np.ndarray", attention_mask: "np.ndarray", position_ids: "np.ndarray",
                     past: Sequence[tuple["np.ndarray", "np.ndarray"]] | None = None
@@ -1017,13 +1179,28 @@ class OrtVlmRunner:
         return mrope_position_ids(input_ids, grid, self.image_token_id, self.spatial_merge_size,
                                   attention_mask, self.video_token_id)
 
-    def decode_positions(self, attention_mask: "np.ndarray", rope_delta: "np.ndarray") -> "np.ndarray":
-        """Position ids of one new token per row, given the mask including it (and, for multimodal RoPE,
-        the prompt's ``rope_delta`` from :meth:`prefill`)."""
+    def decode_positions(self, attention_mask: "np.ndarray", rope_delta: "np.ndarray", seq_len: int = 1) -> "np.ndarray":
+        """Position ids of the last ``seq_len`` (new) tokens per row, given the mask including them (and, for
+        multimodal RoPE, the prompt's ``rope_delta`` from :meth:`prefill`; 0 for text)."""
         import numpy as np
 
-        pos = position_ids_from_mask(np.asarray(attention_mask, dtype=np.int64), 1)
+        pos = position_ids_from_mask(np.asarray(attention_mask, dtype=np.int64), seq_len)
         return np.broadcast_to(pos + rope_delta, (3, *pos.shape)).copy() if self.mrope else pos
+
+    def forward(self, input_ids: "np.ndarray", attention_mask: "np.ndarray | None" = None,
+                past: Sequence[tuple["np.ndarray", "np.ndarray"]] | None = None
+                ) -> tuple["np.ndarray", list[tuple["np.ndarray", "np.ndarray"]]]:
+        """Text tokens only, with :meth:`OrtDecoderRunner.forward`'s interface (prefill with ``past=None``,
+        cached steps after): embeddings, then one decoder call; the mask covers past + new tokens."""
+        import numpy as np
+
+        ids = np.asarray(input_ids, dtype=np.int64)
+        batch, seq = ids.shape
+        past_len = past[0][0].shape[2] if past else 0
+        mask = (np.ones((batch, past_len + seq), np.int64) if attention_mask is None
+                else np.asarray(attention_mask, dtype=np.int64))
+        positions = self.decode_positions(mask, np.zeros((batch, 1), np.int64), seq)
+        return self.decode_step(self.embed(ids), mask, positions, past)
 
     def prefill(self, input_ids: "np.ndarray", pixel_inputs: Mapping[str, Any] | None = None,
                 attention_mask: "np.ndarray | None" = None
@@ -1083,6 +1260,6 @@ def _numpy(value: Any) -> "np.ndarray":
 
 
 __all__ = [
-    "DECODER_FILE", "EMBED_FILE", "VISION_FILE", "OrtVlmRunner", "export_vlm", "mrope_position_ids",
-    "supported_vlm_architectures",
+    "DECODER_FILE", "EMBED_FILE", "PROCESSOR_CHECKS", "VISION_FILE", "OrtVlmRunner", "export_vlm",
+    "find_split_export", "mrope_position_ids", "supported_vlm_architectures",
 ]

@@ -206,8 +206,8 @@ def _parity_checks(parity: ParityReport, config: GateConfig, certified: float | 
 def _export_checks(onnx: BackendParity, config: GateConfig) -> list[Check]:
     return [
         Check.of("onnx max |Δlogit|", "export", onnx.logits.max_abs, config.backend.atol, "<=",
-                 f"mean {onnx.logits.mean_abs:.3g}, p99 {onnx.logits.p99_abs:.3g}"),
-        Check.of("onnx greedy token match", "export", onnx.generation.token_match, 1.0, ">="),
+                 f"mean {onnx.logits.mean_abs:.3g}, p99 {onnx.logits.p99_abs:.3g}; {onnx.describe()}"),
+        Check.of("onnx greedy token match", "export", onnx.generation.token_match, 1.0, ">=", onnx.describe()),
     ]
 
 

@@ -157,7 +157,9 @@ def ort_providers(device: str = "auto") -> list[str]:
 
 
 class OrtRunner(_RssMemory):
-    """An exported decoder graph run by :class:`skipit.exporters.onnx_text.OrtDecoderRunner`.
+    """An exported decoder graph run by :class:`skipit.exporters.onnx_text.OrtDecoderRunner`, or the split graphs
+    of a VLM export (``onnx_path`` is then their folder; text prompts through embeddings → decoder, run by
+    :class:`skipit.exporters.onnx_vlm.OrtVlmRunner`, as :class:`TorchRunner` runs a VLM on text).
 
     ``threads`` sets ONNX Runtime's intra-op threads (default: its own choice); give torch the same
     (``torch.set_num_threads``) for a fair CPU comparison.
@@ -169,6 +171,7 @@ class OrtRunner(_RssMemory):
             import onnxruntime as ort
 
             from skipit.exporters.onnx_text import OrtDecoderRunner
+            from skipit.exporters.onnx_vlm import OrtVlmRunner, find_split_export
         except ImportError as exc:
             raise BackendUnavailableError(
                 f"the ONNX Runtime runner is not available ({exc}); install skipit[onnx]") from None
@@ -176,10 +179,16 @@ class OrtRunner(_RssMemory):
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.runner = OrtDecoderRunner(onnx_path, providers=providers, session_options=options)
+        split = find_split_export(onnx_path)
+        if split is not None:
+            self.runner = OrtVlmRunner(split[0], providers=providers, session_options=options, onnx_dir=split[1])
+            decoder = self.runner.decoder
+        else:
+            self.runner = OrtDecoderRunner(onnx_path, providers=providers, session_options=options)
+            decoder = self.runner.session
         self.name = name
         self.device = "cuda" if providers[0].startswith("CUDA") else "cpu"
-        graph_vocab = self.runner.session.get_outputs()[0].shape[-1]
+        graph_vocab = decoder.get_outputs()[0].shape[-1]
         self.vocab_size = int(vocab_size or (graph_vocab if isinstance(graph_vocab, int) else 0))
 
     def _timed(self, fn: Callable[[], Any]) -> float:

@@ -61,7 +61,7 @@ def render_summary(report: Any) -> str:
     if report.onnx is not None:
         o = report.onnx
         lines.append(f"ONNX vs torch slim  max |Δlogit| {o.logits.max_abs:.2e} (would need atol ≥ {o.logits.required_atol:.2e}), "
-                     f"top-1 {o.logits.top1_agreement:.4f}, greedy match {o.generation.token_match:.3f}")
+                     f"top-1 {o.logits.top1_agreement:.4f}, greedy match {o.generation.token_match:.3f} ({o.describe()})")
     if report.speed is not None:
         lines += _speed_lines(report)
     lines.append("checks:" if report.checks else "checks: none (give --max-kl, --min-top1 or --min-speedup)")
