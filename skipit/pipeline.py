@@ -13,7 +13,7 @@ from skipit.compressor.calibration import encode, load_calibration, read_jsonl
 from skipit.compressor.certify import Certificate, CertifyPolicy, certify
 from skipit.compressor.heal import HealConfig
 from skipit.compressor.loading import LoadedModel, LoadOptions, load_model
-from skipit.compressor.manifest import build_manifest, model_card, write_manifest
+from skipit.compressor.manifest import build_manifest, hub_model_card, model_card, source_card_metadata, write_manifest
 from skipit.compressor.rewrite import remove_layers_, save_checkpoint, verify_reload
 from skipit.atomic import OutputDir, write_atomic
 from skipit.errors import InvalidOptionError, ModelLoadError
@@ -139,7 +139,8 @@ def compress(model_path: str | Path, out_dir: str | Path, options: CompressOptio
         options = replace(options, data=replace(options.data, path=Path(options.data.path).resolve()))
     if options.heal_data is not None:
         options = replace(options, heal_data=Path(options.heal_data).resolve())
-    stages = _Stages(progress, 5 + ("onnx" in options.export) + ("trt" in options.export) + options.validate)
+    gguf = model_path.is_file() and model_path.suffix == ".gguf"
+    stages = _Stages(progress, 5 + gguf + ("onnx" in options.export) + ("trt" in options.export) + options.validate)
     emit = stages.emit
     with output_dir(out_dir, model_path, options) as output:
         emit("stage", {"name": f"loading {model_path}"})
@@ -166,8 +167,13 @@ def compress(model_path: str | Path, out_dir: str | Path, options: CompressOptio
             analyze_config=asdict(options.analyze),
             reload_check=reload_facts,
         )
+        if loaded.gguf_file:
+            manifest["gguf"] = _export_gguf(loaded.model_dir / loaded.gguf_file, cert.layers, tmp, emit)
         write_manifest(tmp, manifest)
         write_atomic(tmp / "README.md", model_card(manifest))
+        write_atomic(tmp / "model" / "README.md", hub_model_card(
+            manifest, pipeline_tag="image-text-to-text" if spec.is_vlm else "text-generation",
+            metadata=source_card_metadata(model_path)))
         exports = _export(tmp, options, emit)
         if options.validate:
             emit("stage", {"name": "validating on the untouched test split"})
@@ -177,6 +183,24 @@ def compress(model_path: str | Path, out_dir: str | Path, options: CompressOptio
                      speed=validation.speed.as_dict() if validation and validation.speed else None)
         output.commit()
     return CompressResult(out_dir, cert, manifest, validation, exports)
+
+
+def _export_gguf(source: Path, removed: list[int], tmp: Path, emit: Progress) -> dict[str, Any]:
+    """GGUF in → ``OUT/model.gguf`` out: the removed blocks dropped, every other byte kept (see exporters.gguf)."""
+    from skipit.errors import ExportError
+    from skipit.exporters.gguf import export_gguf
+
+    emit("stage", {"name": f"writing model.gguf (blocks {removed} dropped, quantized tensors copied byte for byte)"})
+    try:
+        written = export_gguf(source, removed, tmp / "model.gguf").as_dict()
+    except ExportError as exc:  # e.g. a removal llama.cpp would run as another model: the rest is still valid
+        log.warning("model.gguf not written: %s", exc)
+        return {"skipped": str(exc)}
+    return {**written, "note": "the certificate was measured on the dequantized model; model.gguf keeps the source's "
+                               "own quantized tensors for every kept block"}
+    except ExportError as exc:  # e.g. a removal llama.cpp would run as another model: the rest is still valid
+        log.warning("model.gguf not written: %s", exc)
+        return {"skipped": str(exc)}
 
 
 class _Stages:

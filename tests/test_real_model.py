@@ -54,6 +54,19 @@ def test_certificate_holds_on_untouched_test_split(slim_run) -> None:
     assert (out / "report.html").is_file() and "data:image/png;base64" in (out / "report.html").read_text()
 
 
+def test_gguf_in_gguf_out_and_a_hub_card(slim_run, smollm2_gguf: Path) -> None:
+    """GGUF in → OUT/model.gguf: one block fewer, smaller than the source; model/README.md is a Hub card."""
+    from skipit.exporters.gguf import gguf_block_count
+
+    out, result = slim_run
+    assert gguf_block_count(out / "model.gguf") == gguf_block_count(smollm2_gguf) - 1 == 29
+    assert result["gguf"]["file"] == "model.gguf" and "dequantized" in result["gguf"]["note"]
+    assert (out / "model.gguf").stat().st_size < smollm2_gguf.stat().st_size
+    card = (out / "model" / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: transformers" in card and "pipeline_tag: text-generation" in card
+    assert "license: apache-2.0" in card
+
+
 def test_slim_model_generates_in_a_fresh_process(slim_run) -> None:
     out, result = slim_run
     code = (
