@@ -58,6 +58,7 @@ class CompressOptions:
     overwrite: bool = False
     export: tuple[str, ...] = ()
     backend: str = "torch"
+    exporter: str = "dynamo"
     validate: bool = False
 
     def __post_init__(self) -> None:
@@ -198,9 +199,6 @@ def _export_gguf(source: Path, removed: list[int], tmp: Path, emit: Progress) ->
         return {"skipped": str(exc)}
     return {**written, "note": "the certificate was measured on the dequantized model; model.gguf keeps the source's "
                                "own quantized tensors for every kept block"}
-    except ExportError as exc:  # e.g. a removal llama.cpp would run as another model: the rest is still valid
-        log.warning("model.gguf not written: %s", exc)
-        return {"skipped": str(exc)}
 
 
 class _Stages:
@@ -227,7 +225,7 @@ def _export(tmp: Path, options: CompressOptions, emit: Progress) -> dict[str, An
     if not options.export:
         return out
     emit("stage", {"name": "exporting the slim model to ONNX (verified with onnxruntime)"})
-    config = OnnxExportConfig(backend=options.backend)
+    config = OnnxExportConfig(backend=options.backend, exporter=options.exporter)
     out["onnx"] = {k: str(v) for k, v in export_onnx(tmp / "model", tmp / "onnx", config).items()}
     if "trt" in options.export:
         emit("stage", {"name": "building TensorRT engines"})

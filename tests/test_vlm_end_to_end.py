@@ -14,8 +14,8 @@ Idefics3: image splitting on).
 * ``skipit validate ORIGINAL OUT --onnx OUT/onnx`` reads the split layout (0), a tampered decoder is exit 6,
   and an export whose graph cannot serve an input ends with exit 6 naming it (it used to be exit 1).
 
-Exporter (CPU time): the command runs with the pipeline's exporter switched to the legacy route (``EXPORTER``;
-~2 s a graph instead of 15–45 s with dynamo). Idefics3's vision graph has no legacy route and still goes
+Exporter (CPU time): the command runs with ``--exporter legacy`` (``EXPORTER``; ~2 s a graph instead of
+15–45 s with dynamo). Idefics3's vision graph has no legacy route and still goes
 through dynamo — the route that failed. The dynamo route of the other graphs is covered by
 tests/test_onnx_vlm.py and tests/test_onnx_text.py (the unchanged command was run on all four configurations
 by hand: exit 0). One compress run per configuration, shared through the module-scoped ``compressed`` fixture;
@@ -24,7 +24,6 @@ the module takes about 3 min on two cores.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import shutil
@@ -56,8 +55,8 @@ PROMPT = "What is in the picture?"
 # onnx_vlm.PROCESSOR_CHECKS (which the export's own verification already used)
 OTHER_IMAGES = ([(70, 30)], [(33, 81)], [(45, 45), (96, 50)])
 VARIANT_NAMES = sorted(VARIANTS)
-# the ONNX route of each compress run (None: the CLI's default, dynamo); Idefics3's vision graph falls back to
-# dynamo, its only route (onnx_vlm._SPECS)
+# the ONNX route of each compress run (--exporter); Idefics3's vision graph falls back to dynamo, its only
+# route (onnx_vlm._SPECS)
 EXPORTER = {name: "legacy" for name in VARIANT_NAMES}
 
 
@@ -109,15 +108,9 @@ def compressed(tiny_model_dir, calib_file: Path, tmp_path_factory: pytest.TempPa
             source = tiny_model_dir(name)
             out = tmp_path_factory.mktemp(f"e2e-{name}") / "out"
             started = time.perf_counter()
-            with pytest.MonkeyPatch.context() as patch:
-                if EXPORTER[name]:
-                    import skipit.exporters.onnx_text as onnx_text
-
-                    config = functools.partial(onnx_text.OnnxExportConfig, exporter=EXPORTER[name])
-                    patch.setattr(onnx_text, "OnnxExportConfig", config)
-                code = compress_main([str(source), str(out), "--max-kl", "1e9", "--max-layers", "2", "--export",
-                                      "onnx", "--validate", "--calib", str(calib_file), "--max-length", "48",
-                                      "--probe-width", "1"])
+            code = compress_main([str(source), str(out), "--max-kl", "1e9", "--max-layers", "2", "--export",
+                                  "onnx", "--exporter", EXPORTER[name], "--validate", "--calib", str(calib_file),
+                                  "--max-length", "48", "--probe-width", "1"])
             cache[name] = Run(name, source, out, code, time.perf_counter() - started)
             log.info("skipit-compress %s: exit %d in %.0f s", name, code, cache[name].seconds)
         return cache[name]

@@ -45,9 +45,13 @@ def add_common(p: argparse.ArgumentParser) -> None:
 
 
 def add_backend(p: argparse.ArgumentParser) -> None:
+    """``--backend`` and ``--exporter``: which ONNX exporter, and which torch.onnx route."""
     p.add_argument("--backend", default="torch", choices=["torch", "optimum"],
                    help="ONNX exporter: skipit's own torch.onnx route (default) or optimum's "
                         "(text decoders; needs optimum-onnx, i.e. transformers<4.58)")
+    p.add_argument("--exporter", default="dynamo", choices=["dynamo", "legacy", "auto"],
+                   help="torch.onnx route of --backend torch: dynamo (default), legacy (TorchScript; faster to "
+                        "export), auto (dynamo, then legacy)")
 
 
 def add_compress_args(p: argparse.ArgumentParser) -> None:
@@ -124,6 +128,7 @@ def options_from(args: argparse.Namespace, compress: bool) -> Any:
         overwrite=getattr(args, "overwrite", False),
         export=getattr(args, "export", ()),
         backend=getattr(args, "backend", "torch"),
+        exporter=getattr(args, "exporter", "dynamo"),
         validate=getattr(args, "validate", False),
     )
 

@@ -59,7 +59,6 @@ def add_export_parser(sub: Any) -> None:
     p.add_argument("dest", type=Path, help="output directory")
     p.add_argument("--dtype", default="float32", type=dtype_arg, help="ONNX precision: float32 (default) or float16")
     p.add_argument("--opset", type=int, help="ONNX opset (default 18, TensorRT-friendly)")
-    p.add_argument("--exporter", default="dynamo", choices=["dynamo", "legacy", "auto"], help="torch.onnx route")
     add_backend(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing export in DEST")
     g = p.add_argument_group("TensorRT (--trt)")
