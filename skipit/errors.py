@@ -43,6 +43,18 @@ class ExportError(SkipitError):
     """An export (ONNX / TensorRT) failed or its output does not match the model."""
 
 
+class ExportMismatchError(ExportError):
+    """An exported graph does not fit the model it is checked against (e.g. another vocabulary size)."""
+
+    exit_code = 6
+
+
+class TokenizerMismatchError(SkipitError):
+    """The slim model's tokenizer/processor does not encode the data as the original's does (``skipit validate``)."""
+
+    exit_code = 6
+
+
 class BackendUnavailableError(SkipitError):
     """An optional backend (TensorRT, CUDA) is not installed or has no device to run on."""
 
