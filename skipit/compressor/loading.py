@@ -348,6 +348,14 @@ def _benign_unexpected(key: str) -> bool:
     return key.endswith(("rotary_emb.inv_freq", "position_ids"))
 
 
+def _mismatch(entry: Any) -> str:
+    """A mismatched-key entry in words: 5.x gives (name, checkpoint shape, model shape), 4.x the name alone."""
+    if isinstance(entry, str):
+        return entry
+    name, have, want = entry[:3]
+    return f"{name} is {list(have)} in the weights but {list(want)} in the model"
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
@@ -367,7 +375,7 @@ def check_loading_info(info: dict[str, Any], source: Path, described_by: str) ->
     """
     missing = sorted(info.get("missing_keys") or ())
     unexpected = sorted(k for k in info.get("unexpected_keys") or () if not _benign_unexpected(k))
-    mismatched = sorted(info.get("mismatched_keys") or (), key=lambda m: m[0])  # (name, checkpoint shape, model shape)
+    mismatched = sorted(map(_mismatch, info.get("mismatched_keys") or ()))
     problems = []
     if missing:
         problems.append(f"missing from the weights, so random: {_plural(len(missing), 'tensor')} ({_named(missing)})")
@@ -375,8 +383,7 @@ def check_loading_info(info: dict[str, Any], source: Path, described_by: str) ->
         problems.append(f"in the weights but not in the model, so dropped: {_plural(len(unexpected), 'tensor')} "
                         f"({_named(unexpected)})")
     if mismatched:
-        shapes = [f"{name} is {list(have)} in the weights but {list(want)} in the model" for name, have, want in mismatched]
-        problems.append(f"of the wrong shape: {_plural(len(mismatched), 'tensor')} ({_named(shapes)})")
+        problems.append(f"of the wrong shape: {_plural(len(mismatched), 'tensor')} ({_named(mismatched)})")
     if not problems:
         return
     layers = {int(m.group(1)) for k in (*missing, *unexpected) if (m := _LAYER_INDEX.search(k))}
