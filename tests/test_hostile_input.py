@@ -91,10 +91,11 @@ def _gguf_name(hf_name: str) -> str:
     return f"blk.{layer}.{_GGUF_NAMES['.'.join(module)]}.weight"
 
 
-def _write_gguf(src: Path, dst: Path, block_count: int | None = None, drop_blocks: tuple[int, ...] = (),
+def _write_gguf(src: Path, dst: Path, block_count: int | None = None, drop: tuple[str, ...] = (),
                 merges: tuple[str, ...] = ("Ġ t", "Ġ a")) -> Path:
-    """The tiny Llama as an F32 GGUF with a byte-level gpt2 tokenizer plus the tokens ``Ġt``, ``Ġa`` and their
-    merges (two: transformers 4.57 reads a one-element GGUF array as a scalar)."""
+    """The tiny Llama as an F32 GGUF, less the tensors whose names start with one of ``drop``, with a byte-level
+    gpt2 tokenizer plus the tokens ``Ġt``, ``Ġa`` and their merges (two: transformers 4.57 reads a one-element
+    GGUF array as a scalar)."""
     import gguf
 
     config = json.loads((src / "config.json").read_text())
@@ -119,7 +120,7 @@ def _write_gguf(src: Path, dst: Path, block_count: int | None = None, drop_block
     writer.add_pad_token_id(vocab["<pad>"])
     for hf_name, tensor in load_file(src / "model.safetensors").items():
         name = _gguf_name(hf_name)
-        if not (name.startswith("blk.") and int(name.split(".")[1]) in drop_blocks):
+        if not any(name.startswith(prefix) for prefix in drop):
             writer.add_tensor(name, tensor.numpy().astype(np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -144,9 +145,11 @@ def test_healthy_tiny_gguf_loads(tiny_model_dir, gguf_dir: Path) -> None:
 @pytest.mark.parametrize(("kwargs", "expected"), [
     ({"block_count": 8}, "says 8 blocks (llama.block_count) but its tensors are for blocks 0–5 (block(s) 6–7 would be random)"),
     ({"block_count": 4}, "says 4 blocks (llama.block_count) but its tensors are for blocks 0–5 (the tensors of block(s) 4–5 would be dropped)"),
-    ({"drop_blocks": (3,)}, "says 6 blocks (llama.block_count) but its tensors are for blocks 0–2, 4–5 (block(s) 3 would be random)"),
-], ids=["block-count-8-tensors-6", "block-count-4-tensors-6", "block-3-cut-out"])
-def test_gguf_block_count_mismatch_is_refused(capsys, tiny_model_dir, gguf_dir: Path, tmp_path: Path,
+    ({"drop": ("blk.3.",)}, "says 6 blocks (llama.block_count) but its tensors are for blocks 0–2, 4–5 (block(s) 3 would be random)"),
+    ({"drop": ("blk.2.attn_q.",)}, "do not match its GGUF metadata: missing from the weights, so random: 1 tensor "
+                                   "(model.layers.2.self_attn.q_proj.weight)"),
+], ids=["block-count-8-tensors-6", "block-count-4-tensors-6", "block-3-cut-out", "one-tensor-cut-out"])
+def test_gguf_metadata_weights_mismatch_is_refused(capsys, tiny_model_dir, gguf_dir: Path, tmp_path: Path,
                                               kwargs: dict, expected: str) -> None:
     path = _write_gguf(tiny_model_dir(LLAMA), gguf_dir / "m.gguf", **kwargs)
     code, err = _run(capsys, path, tmp_path / "out", "--max-layers", "1")

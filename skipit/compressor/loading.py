@@ -129,7 +129,6 @@ def check_safetensors(path: Path) -> None:
             (header_len,) = struct.unpack("<Q", fh.read(8))
             if header_len <= 0 or 8 + header_len > size:
                 raise ValueError(f"header length {header_len} exceeds file size {size}")
-            header_len = int(header_len)
             end = _safetensors_data_end(json.loads(fh.read(header_len)))
     except (struct.error, ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ModelLoadError(
@@ -145,6 +144,8 @@ def read_json_object(path: Path, what: str) -> dict[str, Any]:
     """``path`` parsed as a JSON object; :class:`ModelLoadError` naming ``what`` the file is otherwise."""
     try:
         value = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise ModelLoadError(f"{path} cannot be read ({exc.strerror or exc}); it should be a {what} file") from None
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise ModelLoadError(f"{path} is not valid JSON ({exc}); it should be a {what} — download it again") from None
     if not isinstance(value, dict):

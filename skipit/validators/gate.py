@@ -30,13 +30,14 @@ interval (upper for KL, lower for agreement); ``conservative=False`` compares po
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from skipit.compressor.loading import LoadedModel, LoadOptions
-from skipit.errors import ExportMismatchError, InvalidOptionError, ModelLoadError, TokenizerMismatchError
+from skipit.errors import ExportError, ExportMismatchError, InvalidOptionError, ModelLoadError, TokenizerMismatchError
 from skipit.validators.backend import BackendParity, BackendParityConfig
 from skipit.validators.parity import ParityConfig, ParityReport
 from skipit.validators.speed import SpeedConfig, SpeedResult
@@ -268,8 +269,8 @@ def _graph_vocab_sizes(path: Path) -> dict[str, int]:
         try:
             proto = onnx.load(str(graph), load_external_data=False)
         except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError, which is no OSError/ValueError
-            raise ExportMismatchError(f"{graph} is not a readable ONNX graph ({type(exc).__name__}: {exc}); "
-                                      "export it again with `skipit export`") from None
+            raise ExportError(f"{graph} is not a readable ONNX graph ({type(exc).__name__}: {exc}); "
+                              "export it again with `skipit export`") from None
         for output in proto.graph.output:
             dims = output.type.tensor_type.shape.dim
             if output.name == "logits" and dims and dims[-1].HasField("dim_value"):
@@ -279,8 +280,6 @@ def _graph_vocab_sizes(path: Path) -> dict[str, int]:
 
 def _config_vocab_size(path: Path) -> dict[str, int]:
     """``{config.json: vocab_size}`` for the export folder's config (beside the graphs or one level up)."""
-    import json
-
     folder = path.parent if path.is_file() else path
     for candidate in (folder / "config.json", folder.parent / "config.json"):
         if candidate.is_file():
