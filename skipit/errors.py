@@ -46,8 +46,15 @@ class ExportError(SkipitError):
 
 
 class ExportMismatchError(ExportError):
-    """An exported graph runs but disagrees with the torch model, or cannot serve an input the model (and its
-    processor) accepts. Exit code 6, as the validation gate's "export mismatch"."""
+    """An exported graph runs but disagrees with the torch model, does not fit it (e.g. another vocabulary
+    size), or cannot serve an input the model (and its processor) accepts. Exit code 6, as the validation
+    gate's "export mismatch"."""
+
+    exit_code = 6
+
+
+class TokenizerMismatchError(SkipitError):
+    """The slim model's tokenizer/processor does not encode the data as the original's does (``skipit validate``)."""
 
     exit_code = 6
 

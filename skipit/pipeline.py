@@ -122,7 +122,7 @@ def encode_heal_data(loaded: LoadedModel, spec: Any, options: CompressOptions) -
     if options.heal_data is None:
         return []
     d = options.data
-    samples = read_jsonl(options.heal_data)
+    samples = read_jsonl(options.heal_data, with_images=spec.is_vlm)
     return encode(samples, loaded.processor, spec, batch_size=d.batch_size, max_length=d.max_length,
                   device=options.load.device)
 

@@ -1,7 +1,10 @@
 """Calibration data: read JSONL (or the built-in set), split it, and encode it with modality masks.
 
 A JSONL line is ``{"text": ...}`` or ``{"image": "relative/path.png", "text": ...}`` with an optional
-``"answer"``. Images resolve relative to the file and must stay inside its folder. The data is split
+``"answer"``. Images resolve relative to the file and must stay inside its folder. Hostile data is
+bounded: the file is read line by line and a line over :data:`MAX_LINE_BYTES` is refused; an image over
+:data:`MAX_IMAGE_PIXELS` is refused before it is decoded; each text is cut to what ``max_length``
+tokens can use (:data:`CHARS_PER_TOKEN`) before it reaches the tokenizer. The data is split
 deterministically (20 % / 40 % / 40 %) into ``calibration`` (scores and layer choice), ``holdout`` (the
 certificate's verification, never used for choosing) and ``test`` (untouched, for ``skipit validate``).
 """
@@ -12,15 +15,27 @@ import hashlib
 import json
 import logging
 import random
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, BinaryIO, Iterator, Sequence
 
 from skipit.errors import CalibrationDataError
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("calibration", "holdout", "test")
+#: Longest calibration line accepted, in bytes (4 MiB). Longer lines are refused rather than read:
+#: nothing past the first few thousand characters is ever used (see :data:`CHARS_PER_TOKEN`), and a
+#: tokenizer given one multi-megabyte string needs hundreds of bytes of memory per character.
+MAX_LINE_BYTES = 4 * 1024 * 1024
+#: Characters of text kept per token of ``max_length`` before tokenizing. Every token spans at least one
+#: character and English BPE averages about four, so 16 leaves a wide margin: the kept prefix still holds
+#: more than ``max_length`` tokens and truncation gives the same ids as on the whole text.
+CHARS_PER_TOKEN = 16
+#: Largest image accepted, in pixels (8192 × 8192). A PNG can declare 20000 × 20000 in a few bytes and
+#: then need gigabytes to decode; processors resize to a few hundred pixels anyway.
+MAX_IMAGE_PIXELS = 8192 * 8192
 
 
 @dataclass(frozen=True)
@@ -76,48 +91,101 @@ def _split(n: int, fractions: Sequence[float], seed: int) -> dict[str, list[int]
     }
 
 
-def _open_image(path: Path, lineno: int, file: Path) -> Any:
+def _check_image_file(path: Path, where: str) -> None:
+    """Refuse an image path that is missing or not a regular file (opening a FIFO would block forever)."""
+    if not path.exists():
+        raise CalibrationDataError(f"{where}: image {path} does not exist")
+    if not path.is_file():
+        raise CalibrationDataError(f"{where}: image {path} is not a regular file (a directory, FIFO or device); "
+                                   "point the line at an image file")
+
+
+def _open_image(path: Path, where: str) -> Any:
+    """Decode one image, refusing what is not a regular file or has more than :data:`MAX_IMAGE_PIXELS`."""
     from PIL import Image, UnidentifiedImageError
 
+    _check_image_file(path, where)
+    too_big = (f"{where}: image {path} declares more than {MAX_IMAGE_PIXELS:,} pixels (the limit, 8192 × 8192); "
+               "scale it down — calibration images are resized to a few hundred pixels anyway")
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except FileNotFoundError:
-        raise CalibrationDataError(f"{file}:{lineno}: image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise CalibrationDataError(f"{file}:{lineno}: {path} is not a readable image ({exc})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_IMAGE_PIXELS:
+                    raise CalibrationDataError(f"{too_big} (it is {img.width} × {img.height})")
+                return img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise CalibrationDataError(too_big) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:  # PIL raises SyntaxError on bad headers
+        raise CalibrationDataError(f"{where}: {path} is not a readable image ({exc})") from None
 
 
-def read_jsonl(path: Path) -> list[Sample]:
-    """Parse a calibration JSONL file; every problem names its line number."""
-    if not path.is_file():
-        raise CalibrationDataError(f"calibration file {path} does not exist")
-    root = path.parent.resolve()
-    samples = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as exc:
-            raise CalibrationDataError(f"{path}:{lineno}: not valid JSON ({exc.args[0]})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str) or not record["text"].strip():
+def _lines(fh: BinaryIO, path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line, read one at a time and never more than :data:`MAX_LINE_BYTES`."""
+    lineno = 0
+    while raw := fh.readline(MAX_LINE_BYTES + 1):
+        lineno += 1
+        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
             raise CalibrationDataError(
-                f'{path}:{lineno}: each line must be an object with a non-empty "text" string, e.g. {{"text": "..."}}'
-            )
-        image = None
-        if record.get("image") is not None:
-            image_path = (root / str(record["image"])).resolve()
-            if not image_path.is_relative_to(root):
+                f"{path}:{lineno}: line is longer than {MAX_LINE_BYTES // 2**20} MiB (the limit per line); only the "
+                "first few thousand characters of a text are used — shorten it or split it into several lines")
+        try:
+            yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise CalibrationDataError(
+                f"{path}:{lineno}: not UTF-8 text (byte {exc.start} of the line is {raw[exc.start]:#04x}); save the file "
+                "as UTF-8") from None
+
+
+def _image_path(record: dict[str, Any], root: Path, where: str) -> Path:
+    image_path = (root / str(record["image"])).resolve()
+    if not image_path.is_relative_to(root):
+        raise CalibrationDataError(
+            f"{where}: image path {record['image']!r} escapes the data folder {root}; "
+            "keep images inside the folder of the JSONL file"
+        )
+    return image_path
+
+
+def read_jsonl(path: Path, with_images: bool = True) -> list[Sample]:
+    """Parse a calibration JSONL file; every problem names its line number.
+
+    With ``with_images=False`` (a text-only model) image lines keep their text, their images are not
+    opened, and a warning says how many were ignored.
+    """
+    if not path.is_file():
+        what = "does not exist" if not path.exists() else "is not a regular file"
+        raise CalibrationDataError(f"calibration file {path} {what}; give a JSONL file")
+    root = path.parent.resolve()
+    samples, ignored = [], []
+    with path.open("rb") as fh:
+        for lineno, line in _lines(fh, path):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError) as exc:
+                raise CalibrationDataError(f"{where}: not valid JSON ({exc.args[0] if exc.args else exc})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str) or not record["text"].strip():
                 raise CalibrationDataError(
-                    f"{path}:{lineno}: image path {record['image']!r} escapes the data folder {root}; "
-                    "keep images inside the folder of the JSONL file"
+                    f'{where}: each line must be an object with a non-empty "text" string, e.g. {{"text": "..."}}'
                 )
-            image = _open_image(image_path, lineno, path)
-        answer = record.get("answer")
-        samples.append(Sample(record["text"], image, None if answer is None else str(answer), f"{path.name}:{lineno}"))
+            image = None
+            if record.get("image") is not None:
+                image_path = _image_path(record, root, where)
+                if with_images:
+                    image = _open_image(image_path, where)
+                else:
+                    _check_image_file(image_path, where)
+                    ignored.append(lineno)
+            answer = record.get("answer")
+            samples.append(Sample(record["text"], image, None if answer is None else str(answer), f"{path.name}:{lineno}"))
     if not samples:
         raise CalibrationDataError(f"{path} has no samples")
+    if ignored:
+        log.warning("%s: %d of %d lines name an image (first on line %d), but the model is text-only: the images are "
+                    "ignored and only their text is used", path, len(ignored), len(samples), ignored[0])
     return samples
 
 
@@ -149,7 +217,7 @@ def load_calibration(
         samples = builtin_samples(with_images, seed)
         source, description = "builtin", "skipit built-in English prose" + (" + drawn images with questions" if with_images else "")
     else:
-        samples = read_jsonl(Path(path))
+        samples = read_jsonl(Path(path), with_images=with_images)
         source, description = str(path), f"user data {Path(path).name}"
     if limit is not None and len(samples) > limit:
         rng = random.Random(seed)
@@ -169,6 +237,22 @@ class Batch:
     @property
     def size(self) -> int:
         return int(self.text_mask.shape[0])
+
+
+def fit_text(text: str, tokenizer: Any, max_length: int) -> str:
+    """``text`` cut to a prefix that still holds more than ``max_length`` tokens, so that truncating it gives
+    the ids truncating the whole text would, without tokenizing megabytes.
+
+    The first cut keeps ``max_length * CHARS_PER_TOKEN`` characters; in the rare text whose tokens are
+    longer than that on average (long runs merged into single tokens) the cut grows until it holds enough.
+    """
+    limit = max_length * CHARS_PER_TOKEN
+    while len(text) > limit:
+        cut = text[:limit]
+        if len(tokenizer(cut, add_special_tokens=False)["input_ids"]) > max_length:
+            return cut
+        limit *= 4
+    return text
 
 
 def _prompt(sample: Sample, processor: Any, image_prompt: str) -> str:
@@ -194,7 +278,7 @@ def encode(
     """Tokenize samples into padded batches with text/vision masks (padding is in neither).
 
     Image samples are encoded one per batch (processors differ in how they batch images); long texts
-    are truncated to ``max_length`` tokens. Sample ids follow the order of ``samples``.
+    are cut (:func:`fit_text`) and truncated to ``max_length`` tokens. Sample ids follow the order of ``samples``.
     """
     import torch
 
@@ -206,7 +290,7 @@ def encode(
     batches = []
     for group in _groups(samples, batch_size):
         ids = [i for i, _ in group]
-        items = [s for _, s in group]
+        items = [replace(s, text=fit_text(s.text, tokenizer, max_length)) for _, s in group]
         images = [s.image for s in items if s.image is not None]
         texts = [_prompt(s, processor, spec.arch.image_prompt) for s in items]
         if images:

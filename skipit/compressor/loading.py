@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from skipit.compat import load_overrides
-from skipit.errors import ModelLoadError, UnsupportedArchitectureError
+from skipit.errors import InvalidOptionError, ModelLoadError, UnsupportedArchitectureError
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,10 @@ PROCESSOR_FILE_PATTERNS = (
     "chat_template*", "spiece.model", "sentencepiece*.model",
 )
 _DTYPES = ("float32", "float16", "bfloat16", "auto")
+#: How many tensor names a weights/config mismatch error lists before "… and N more".
+SHOWN_KEYS = 4
+_LAYER_INDEX = re.compile(r"\blayers\.(\d+)\.")
+_GGUF_BLOCK = re.compile(r"^blk\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,39 @@ class LoadOptions:
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ModelLoadError(f"--dtype {self.dtype!r} is not one of {', '.join(_DTYPES)}")
+        check_device(self.device)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty), for one-line errors."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def check_device(device: str) -> None:
+    """Raise :class:`InvalidOptionError` unless ``device`` names a torch device that exists here.
+
+    ``cpu`` is accepted without importing torch (it is the default, and ``--help`` stays fast).
+    """
+    if device == "cpu":
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise InvalidOptionError(f"--device {device!r} is not a torch device ({first_line(exc)}); "
+                                 "use cpu, cuda or cuda:N") from None
+    if parsed.type == "cpu":
+        return
+    backend = getattr(torch, parsed.type, None)
+    if backend is None or not callable(getattr(backend, "is_available", None)) or not backend.is_available():
+        raise InvalidOptionError(f"--device {device}: this torch {torch.__version__} has no {parsed.type} device; "
+                                 "use --device cpu, or install a torch build for that device")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if parsed.index is not None and parsed.index >= count:
+        raise InvalidOptionError(f"--device {device}: there are only {count} {parsed.type} device(s) "
+                                 f"({parsed.type}:0 to {parsed.type}:{count - 1})")
 
 
 @dataclass
@@ -67,6 +105,22 @@ class LoadedModel:
         return getattr(self.processor, "tokenizer", self.processor)
 
 
+def _safetensors_data_end(header: Any) -> int:
+    """The end of the data section a safetensors header describes; ``ValueError`` if it is malformed."""
+    if not isinstance(header, dict):
+        raise ValueError(f"its header is a JSON {type(header).__name__}, not an object")
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise ValueError(f"tensor {name!r} has no valid data_offsets [begin, end]")
+        end = max(end, offsets[1])
+    return end
+
+
 def check_safetensors(path: Path) -> None:
     """Raise :class:`ModelLoadError` if ``path`` is not a complete safetensors file."""
     size = path.stat().st_size
@@ -75,26 +129,40 @@ def check_safetensors(path: Path) -> None:
             (header_len,) = struct.unpack("<Q", fh.read(8))
             if header_len <= 0 or 8 + header_len > size:
                 raise ValueError(f"header length {header_len} exceeds file size {size}")
-            header = json.loads(fh.read(header_len))
-    except (struct.error, ValueError, UnicodeDecodeError) as exc:
+            end = _safetensors_data_end(json.loads(fh.read(header_len)))
+    except (struct.error, ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ModelLoadError(
             f"{path} is not a valid safetensors file ({exc}); the file is corrupt or truncated — download it again"
         ) from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + header_len + end > size:
         raise ModelLoadError(
             f"{path} is truncated: its header promises {8 + header_len + end} bytes but the file has {size}; download it again"
         )
 
 
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """``path`` parsed as a JSON object; :class:`ModelLoadError` naming ``what`` the file is otherwise."""
+    try:
+        value = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise ModelLoadError(f"{path} cannot be read ({exc.strerror or exc}); it should be a {what} file") from None
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ModelLoadError(f"{path} is not valid JSON ({exc}); it should be a {what} — download it again") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path} holds a JSON {type(value).__name__}, not the JSON object a {what} is; "
+                             "the file is damaged or not what its name says — download it again")
+    return value
+
+
 def _check_weights(model_dir: Path, options: LoadOptions) -> None:
     safetensors = sorted(model_dir.glob("*.safetensors"))
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (ValueError, KeyError) as exc:
-            raise ModelLoadError(f"{index} is not a valid shard index ({exc})") from None
+        weight_map = read_json_object(index, "shard index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ModelLoadError(f"{index} is not a valid shard index (no weight_map of tensor → file names); "
+                                 "download it again")
+        shards = set(weight_map.values())
         missing = sorted(s for s in shards if not (model_dir / s).exists())
         if missing:
             raise ModelLoadError(f"{model_dir} is missing weight shards listed in {index.name}: {', '.join(missing)}")
@@ -118,10 +186,11 @@ def _read_config(model_dir: Path, options: LoadOptions) -> dict[str, Any]:
         ggufs = sorted(model_dir.glob("*.gguf"))
         hint = f" It holds GGUF files; pass one of them: {ggufs[0]}" if ggufs else ""
         raise ModelLoadError(f"{model_dir} is not a model directory: it has no config.json.{hint}")
-    try:
-        config = json.loads(path.read_text())
-    except ValueError as exc:
-        raise ModelLoadError(f"{path} is not valid JSON ({exc})") from None
+    config = read_json_object(path, "model config")
+    architectures = config.get("architectures")
+    if architectures is not None and not (isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)):
+        raise ModelLoadError(f"{path}: \"architectures\" must be a list of class names such as [\"LlamaForCausalLM\"], "
+                             f"got {architectures!r}")
     if config.get("auto_map") and not options.trust_remote_code:
         raise ModelLoadError(
             f"{model_dir} asks for custom code (auto_map in config.json); skipit does not run remote code "
@@ -184,9 +253,9 @@ def _saved_processor_class(model_dir: Path) -> str | None:
     for name in ("processor_config.json", "preprocessor_config.json"):
         path = model_dir / name
         if path.is_file():
-            found = json.loads(path.read_text()).get("processor_class")
+            found = read_json_object(path, "processor config").get("processor_class")
             if found:
-                return found
+                return str(found)
     return None
 
 
@@ -208,10 +277,121 @@ def load_processor(model_dir: Path, is_vlm: bool, options: LoadOptions, gguf_fil
         note = None if cls is getattr(transformers, name) else (
             f"{name} built without its video processor (torchvision is not importable); images and text work")
         return cls.from_pretrained(model_dir, **kw), note
-    except (OSError, ValueError, AttributeError, ImportError, TypeError) as exc:  # 4.x: TypeError on a missing vocab file
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises a bare Exception on a broken vocabulary
+        # (e.g. a merge naming a token that is not in it); 4.x raises TypeError on a missing vocab file.
+        if gguf_file:
+            raise ModelLoadError(f"the tokenizer of {model_dir / gguf_file} cannot be built ({first_line(exc)}); its "
+                                 "tokenizer metadata is damaged or of an unsupported kind — download the file again") from None
         what = "processor" if name else "tokenizer"
-        raise ModelLoadError(f"{model_dir} has no usable {what} ({str(exc).splitlines()[0]}); "
+        raise ModelLoadError(f"{model_dir} has no usable {what} ({first_line(exc)}); "
                              f"copy the {what} files next to config.json") from None
+
+
+def _gguf_value(reader: Any, key: str) -> Any:
+    """A scalar metadata value of a ``GGUFReader`` (str or number), or None when the key is absent."""
+    from gguf import GGUFValueType
+
+    field = reader.fields.get(key)
+    if field is None or not field.data:
+        return None
+    part = field.parts[field.data[0]]
+    if field.types and field.types[0] == GGUFValueType.STRING:
+        return bytes(part).decode("utf-8", "replace")
+    return part.tolist()[0]
+
+
+def _index_ranges(indices: Iterable[int]) -> str:
+    """``0–5, 7`` for ``[0, 1, 2, 3, 4, 5, 7]``; ``none`` for nothing."""
+    runs: list[list[int]] = []
+    for i in sorted(set(indices)):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(f"{a}–{b}" if b > a else str(a) for a, b in runs) or "none"
+
+
+def check_gguf(path: Path) -> None:
+    """Raise :class:`ModelLoadError` unless ``path`` is a readable GGUF whose blocks match its block count.
+
+    transformers skips GGUF tensors it has no place for without a word, so blocks at or beyond
+    ``<arch>.block_count`` would be dropped silently; blocks missing below it would be random. Both
+    are refused here, and a file cut inside its header gets a clear message instead of ``struct.error``.
+    """
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise ModelLoadError(f"loading {path} needs the gguf package: pip install gguf") from None
+    try:
+        reader = GGUFReader(path)
+        arch = _gguf_value(reader, "general.architecture")
+        count = _gguf_value(reader, f"{arch}.block_count")
+        names = [tensor.name for tensor in reader.tensors]
+    except (struct.error, ValueError, KeyError, IndexError, TypeError, OSError, EOFError) as exc:
+        raise ModelLoadError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {first_line(exc)}); "
+                             "it is corrupt or truncated — download it again") from None
+    if not isinstance(count, int):
+        raise ModelLoadError(f"{path} has no {arch}.block_count in its metadata, so its layer count is unknown; "
+                             "the file is damaged or not a model — download it again")
+    blocks = {int(m.group(1)) for name in names if (m := _GGUF_BLOCK.match(name))}
+    if blocks != set(range(count)):
+        extra, missing = sorted(b for b in blocks if b >= count), sorted(set(range(count)) - blocks)
+        what = "; ".join(part for part in (
+            f"the tensors of block(s) {_index_ranges(extra)} would be dropped" if extra else "",
+            f"block(s) {_index_ranges(missing)} would be random" if missing else "") if part)
+        raise ModelLoadError(f"{path}: its metadata says {count} blocks ({arch}.block_count) but its tensors are for "
+                             f"blocks {_index_ranges(blocks)} ({what}); the file was cut or edited — download it again")
+
+
+def _benign_unexpected(key: str) -> bool:
+    """Checkpoint tensors a model legitimately recomputes: RoPE ``inv_freq`` and ``position_ids`` buffers that
+    older checkpoints saved (today they are non-persistent buffers, so they are never *missing*)."""
+    return key.endswith(("rotary_emb.inv_freq", "position_ids"))
+
+
+def _mismatch(entry: Any) -> str:
+    """A mismatched-key entry in words: 5.x gives (name, checkpoint shape, model shape), 4.x the name alone."""
+    if isinstance(entry, str):
+        return entry
+    name, have, want = entry[:3]
+    return f"{name} is {list(have)} in the weights but {list(want)} in the model"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _named(keys: list[str]) -> str:
+    shown = ", ".join(keys[:SHOWN_KEYS])
+    return shown + (f" and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else "")
+
+
+def check_loading_info(info: dict[str, Any], source: Path, described_by: str) -> None:
+    """Raise :class:`ModelLoadError` if ``from_pretrained``'s loading info reports any missing, unexpected or
+    wrong-shaped weight: such a model has random or dropped parts and must not be certified.
+
+    ``described_by`` names what declares the model's shape (``config.json``, the GGUF metadata).
+    Tied weights and non-persistent buffers are not reported by transformers, so a healthy checkpoint
+    passes; see :func:`_benign_unexpected` for the only keys forgiven here.
+    """
+    missing = sorted(info.get("missing_keys") or ())
+    unexpected = sorted(k for k in info.get("unexpected_keys") or () if not _benign_unexpected(k))
+    mismatched = sorted(map(_mismatch, info.get("mismatched_keys") or ()))
+    problems = []
+    if missing:
+        problems.append(f"missing from the weights, so random: {_plural(len(missing), 'tensor')} ({_named(missing)})")
+    if unexpected:
+        problems.append(f"in the weights but not in the model, so dropped: {_plural(len(unexpected), 'tensor')} "
+                        f"({_named(unexpected)})")
+    if mismatched:
+        problems.append(f"of the wrong shape: {_plural(len(mismatched), 'tensor')} ({_named(mismatched)})")
+    if not problems:
+        return
+    layers = {int(m.group(1)) for k in (*missing, *unexpected) if (m := _LAYER_INDEX.search(k))}
+    hint = f" Layers involved: {_index_ranges(layers)} — does the layer count in {described_by} match the weights?" if layers else ""
+    raise ModelLoadError(f"{source}: the weights do not match {described_by}: {'; '.join(problems)}.{hint} "
+                         f"Fix {described_by} or download the checkpoint again; skipit does not certify a model "
+                         "that was not loaded whole")
 
 
 def load_model(path: str | Path, options: LoadOptions = LoadOptions()) -> LoadedModel:
@@ -228,6 +408,7 @@ def load_model(path: str | Path, options: LoadOptions = LoadOptions()) -> Loaded
     if source.is_file():
         if source.suffix != ".gguf":
             raise ModelLoadError(f"{source} is a file but not a .gguf; give a model directory or a .gguf file")
+        check_gguf(source)
         model_dir, gguf_file = source.parent, source.name
         cls = transformers.AutoModelForCausalLM
         is_vlm = False
@@ -238,7 +419,9 @@ def load_model(path: str | Path, options: LoadOptions = LoadOptions()) -> Loaded
         arch = (config.get("architectures") or [None])[0]
         cls = _model_class(arch, options)
         is_vlm = REGISTRY[arch].is_vlm if arch in REGISTRY else "vision_config" in config
-    kwargs: dict[str, Any] = {"dtype": _dtype(options), "trust_remote_code": options.trust_remote_code}
+    # Wrong shapes are reported in the loading info (and refused below) rather than raised without names.
+    kwargs: dict[str, Any] = {"dtype": _dtype(options), "trust_remote_code": options.trust_remote_code,
+                              "output_loading_info": True, "ignore_mismatched_sizes": True}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     if not options.allow_pickle:
@@ -247,9 +430,10 @@ def load_model(path: str | Path, options: LoadOptions = LoadOptions()) -> Loaded
         kwargs.update(load_overrides(model_dir))
     log.info("loading %s with %s", source, getattr(cls, "__name__", cls))
     try:
-        model = cls.from_pretrained(model_dir, **kwargs)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise ModelLoadError(f"transformers could not load {source}: {str(exc).splitlines()[0]}") from None
+        model, info = cls.from_pretrained(model_dir, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError, IndexError, TypeError, NotImplementedError, struct.error) as exc:
+        raise ModelLoadError(f"transformers could not load {source}: {first_line(exc)}") from None
+    check_loading_info(info, source, "its GGUF metadata" if gguf_file else "config.json")
     if gguf_file:
         # A dequantized GGUF model still carries the GGUF quantizer; save_pretrained refuses it (5.x).
         model.hf_quantizer = None
