@@ -2,7 +2,7 @@
 
 The slim model is a copy of the original with ``--remove`` layers taken out by
 ``skipit.compressor.rewrite.remove_layers_``; it is saved as a checkpoint and exported to ONNX with
-``skipit.exporters.onnx_text`` (skipped when that exporter or onnxruntime is missing). Runners are
+``skipit.exporters.onnx`` (skipped when that exporter or onnxruntime is missing). Runners are
 measured interleaved by ``skipit.validators.speed.measure_speed`` (warm-up excluded), batch 1.
 
     python benchmarks/speed.py [--remove 13,14,15,16] [--seq-lens 32,128,256] [--repeats 5] [--json out.json]
@@ -29,7 +29,9 @@ from typing import Any
 from skipit.compressor.arch import decoder_spec
 from skipit.compressor.loading import load_model
 from skipit.compressor.rewrite import remove_layers_, save_checkpoint
-from skipit.validators.speed import OrtRunner, SpeedConfig, SpeedResult, TorchRunner, measure_speed
+from skipit.runtime.ort import OrtRunner
+from skipit.runtime.torch_runner import TorchRunner
+from skipit.validators.speed import SpeedConfig, SpeedResult, measure_speed
 
 
 def smollm2() -> Path:
@@ -40,7 +42,7 @@ def smollm2() -> Path:
 def export_slim(slim: Any, processor: Any, work: Path, exporter: str) -> Path | None:
     """Save the slim model and export it to ONNX; None when the exporter is not available."""
     try:
-        from skipit.exporters.onnx_text import OnnxExportConfig, export_text_decoder
+        from skipit.exporters.onnx import OnnxExportConfig, export_text_decoder
     except ImportError as exc:
         print(f"ONNX exporter not available ({exc}); skipping ORT")
         return None

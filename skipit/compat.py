@@ -9,11 +9,13 @@ A checkpoint saved by one must load correctly in the other; the one silent break
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
-from pathlib import Path
-from typing import Any, Iterator
-
 from importlib import metadata
+from pathlib import Path
+from typing import Any, Collection, Iterator, Sequence
+
+from skipit.atomic import write_atomic
 
 #: Major version of the installed transformers (read without importing it: ``--help`` stays fast).
 TRANSFORMERS_MAJOR = int(metadata.version("transformers").split(".")[0])
@@ -62,7 +64,54 @@ def make_config_portable(model_dir: Path) -> None:
     config = json.loads(path.read_text())
     portable = portable_config(config)
     if portable != config:
-        path.write_text(json.dumps(portable, indent=2, sort_keys=True) + "\n")
+        write_atomic(path, json.dumps(portable, indent=2, sort_keys=True) + "\n")
+
+
+#: The tokenizer class every client reads a ``tokenizer.json`` with.
+PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+
+
+def make_tokenizer_portable(folder: Path, input_names: Sequence[str] = ("input_ids", "attention_mask"), *,
+                            replace: Collection[str] | None = None) -> bool:
+    """Name a ``tokenizer.json``-backed tokenizer ``PreTrainedTokenizerFast`` in ``folder/tokenizer_config.json``.
+
+    transformers 5.x writes ``"tokenizer_class": "TokenizersBackend"``, which 4.x (optimum's environment)
+    refuses; 4.57 writes a GGUF architecture's class ("LlamaTokenizer" for SmolLM2's GPT-2-style BPE), which
+    transformers.js would treat as SentencePiece. ``PreTrainedTokenizerFast`` loads in 4.57, 5.x,
+    transformers.js and onnxruntime-genai alike and runs tokenizer.json as saved. Its default inputs include
+    ``token_type_ids`` on 4.x (which ``generate()`` refuses), so ``input_names`` are written too when the
+    config names none.
+
+    Args:
+        folder: a folder with ``tokenizer.json`` and ``tokenizer_config.json`` (else nothing happens).
+        input_names: the tokenizer's model input names.
+        replace: only these classes are replaced (a user's own tokenizer files keep their class otherwise);
+            None: any class but ``PreTrainedTokenizerFast``, and a config without ``model_input_names``.
+
+    Returns:
+        Whether the file was rewritten.
+    """
+    path = Path(folder) / "tokenizer_config.json"
+    if not (path.is_file() and (path.parent / "tokenizer.json").is_file()):
+        return False
+    config = json.loads(path.read_text())
+    current = config.get("tokenizer_class")
+    if replace is not None:
+        stale = current in replace
+    else:
+        stale = current != PORTABLE_TOKENIZER_CLASS or "model_input_names" not in config
+    if not stale:
+        return False
+    config["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
+    config.setdefault("model_input_names", list(input_names))
+    write_atomic(path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    return True
+
+
+def cache_kwarg(model: Any) -> str:
+    """The KV-cache keyword of ``model.forward``: ``cache`` on transformers ≥ 5.24, ``past_key_values`` before."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def load_overrides(model_dir: Path) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from skipit.compressor.manifest import build_manifest, hub_model_card, model_car
 from skipit.compressor.rewrite import remove_layers_, save_checkpoint, verify_reload
 from skipit.atomic import OutputDir, write_atomic
 from skipit.errors import InvalidOptionError, ModelLoadError
-from skipit.validators.report import write_report
+from skipit.report import write_report
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ def _export(tmp: Path, options: CompressOptions, emit: Progress) -> dict[str, An
     """``--export onnx[,trt]``: graphs into ``tmp/onnx``, engines into ``tmp/engines`` where possible."""
     from skipit.errors import BackendUnavailableError
     from skipit.exporters.export import build_engines, export_onnx
-    from skipit.exporters.onnx_text import OnnxExportConfig
+    from skipit.exporters.onnx import OnnxExportConfig
 
     out: dict[str, Any] = {}
     if not options.export:

@@ -74,7 +74,8 @@ def test_saved_slim_checkpoint_is_portable(llama_5x_style: Path, tmp_path: Path)
 def test_optimum_export_of_a_5x_checkpoint_matches_torch(llama_5x_style: Path, tmp_path: Path) -> None:
     """Without the portable copy optimum would trace theta 10000; the export's own check against the
     torch model (theta 5000) would then fail."""
-    from skipit.exporters.onnx_text import OnnxExportConfig, OrtDecoderRunner, export_text_decoder
+    from skipit.exporters.onnx import OnnxExportConfig, export_text_decoder
+    from skipit.runtime.ort_text import OrtDecoderRunner
 
     graph = export_text_decoder(llama_5x_style, tmp_path / "onnx", OnnxExportConfig(backend="optimum"))
     ids = torch.tensor([[5, 60, 70, 80, 90, 100, 110, 120, 130, 140, 150, 160, 170, 180]])

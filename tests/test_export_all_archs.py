@@ -15,7 +15,8 @@ from skipit.compressor.arch import decoder_spec
 from skipit.compressor.loading import load_model
 from skipit.compressor.rewrite import remove_layers_, save_checkpoint
 from skipit.exporters.genai import genai_greedy
-from skipit.exporters.onnx_text import OnnxExportConfig, OrtDecoderRunner, export_text_decoder
+from skipit.exporters.onnx import OnnxExportConfig, export_text_decoder
+from skipit.runtime.ort_text import OrtDecoderRunner
 
 PROMPT = [[2, 40, 41, 60, 70, 80, 90, 100, 110, 120, 130, 140]]
 

@@ -54,7 +54,7 @@ def setup(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def onnx_dirs(setup, tmp_path_factory):
     """ONNX exports of the original and of the slim model (legacy exporter: the fast one)."""
-    from skipit.exporters.onnx_text import OnnxExportConfig, export_text_decoder
+    from skipit.exporters.onnx import OnnxExportConfig, export_text_decoder
 
     original, out, _ = setup
     root = tmp_path_factory.mktemp("gate-onnx")
@@ -132,3 +132,12 @@ def test_config_validates_itself() -> None:
         GateConfig(split="train")
     with pytest.raises(InvalidOptionError, match="min-speedup"):
         GateConfig(min_speedup=0)
+
+
+def test_report_paths_name_the_final_output_not_the_staging_folder(tmp_path: Path) -> None:
+    """skipit-compress --validate validates OUT while it is staged in .OUT.skipit-tmp-*: the report names OUT."""
+    from skipit.validators.gate import final_path
+
+    assert final_path(tmp_path / ".out.skipit-tmp-k2j4x" / "model") == str(tmp_path / "out" / "model")
+    assert final_path(tmp_path / ".out.skipit-tmp-k2j4x" / "onnx" / "onnx") == str(tmp_path / "out" / "onnx" / "onnx")
+    assert final_path(tmp_path / "out" / "model") == str(tmp_path / "out" / "model")

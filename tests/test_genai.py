@@ -14,7 +14,7 @@ import transformers
 
 from skipit.errors import ExportError
 from skipit.exporters.genai import GENAI_CONFIG, genai_config, genai_greedy
-from skipit.exporters.onnx_text import OnnxExportConfig, export_text_decoder, kv_input_names, kv_output_names
+from skipit.exporters.onnx import OnnxExportConfig, export_text_decoder, kv_input_names, kv_output_names
 
 NEW_TOKENS = 20
 PROMPT = "skipit drops layers; the rest must still talk."  # 46 byte tokens > the sliding window of 8

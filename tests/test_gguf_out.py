@@ -210,7 +210,7 @@ def test_refused_architectures_and_split_files(tmp_path: Path) -> None:
 
 
 def test_llamacpp_runner_says_how_to_install(tmp_path: Path) -> None:
-    from skipit.validators.llamacpp import find_node_llama_cpp, llamacpp_unavailable
+    from skipit.runtime.llamacpp import find_node_llama_cpp, llamacpp_unavailable
 
     with pytest.raises(BackendUnavailableError, match="npm i -E node-llama-cpp@3.21.1"):
         find_node_llama_cpp(tmp_path)
@@ -261,7 +261,7 @@ def torch_greedy(smollm2_gguf: Path) -> dict:
 @pytest.fixture(scope="module")
 def llamacpp(smollm2_gguf: Path, slim_gguf) -> dict:
     """One node process: the original and the slim GGUF, the same text prompts."""
-    from skipit.validators.llamacpp import llamacpp_greedy, llamacpp_unavailable
+    from skipit.runtime.llamacpp import llamacpp_greedy, llamacpp_unavailable
 
     reason = llamacpp_unavailable(NODE_DIR)
     if reason:

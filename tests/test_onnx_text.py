@@ -1,4 +1,4 @@
-"""ONNX export of text decoders with KV cache (skipit.exporters.onnx_text), checked against torch.
+"""ONNX export of text decoders with KV cache (skipit.exporters.onnx), checked against torch.
 
 Two tiny random models built from config here (no dependence on tiny_models.py):
 * LlamaForCausalLM, 6 layers, tied embeddings — exported with the legacy (TorchScript) exporter;
@@ -22,14 +22,10 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from skipit.errors import BackendUnavailableError, ExportError, InvalidOptionError, OutputExistsError  # noqa: E402
-from skipit.exporters.onnx_optimum import optimum_available  # noqa: E402
-from skipit.exporters.onnx_text import (  # noqa: E402
-    OnnxExportConfig,
-    OrtDecoderRunner,
-    cache_kwarg,
-    export_text_decoder,
-    position_ids_from_mask,
-)
+from skipit.compat import cache_kwarg  # noqa: E402
+from skipit.exporters.onnx import OnnxExportConfig, export_text_decoder, position_ids_from_mask  # noqa: E402
+from skipit.exporters.onnx.optimum import optimum_available  # noqa: E402
+from skipit.runtime.ort_text import OrtDecoderRunner  # noqa: E402
 
 ATOL = 1e-4
 SEED = 0
@@ -214,7 +210,7 @@ def test_output_layout_for_optimum_and_transformers_js(exported):
 
 def test_dummy_past_slot_equals_empty_past(exported):
     """TensorRT's prefill workaround (one masked zero slot instead of past=0) gives the same logits."""
-    from skipit.exporters.tensorrt import with_dummy_past
+    from skipit.runtime.tensorrt import with_dummy_past
 
     _, onnx_path = exported["qwen2_slim"]
     runner = OrtDecoderRunner(onnx_path)
@@ -239,12 +235,12 @@ def test_refuses_existing_output(exported):
 def test_auto_falls_back_to_legacy(exported, tmp_path, monkeypatch):
     import onnx
 
-    from skipit.exporters import onnx_text
+    from skipit.exporters.onnx import trace
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated data-dependent guard")
 
-    monkeypatch.setattr(onnx_text, "_export_dynamo", broken)
+    monkeypatch.setattr(trace, "_dynamo", broken)
     ckpt, _ = exported["llama"]
     path = export_text_decoder(ckpt, tmp_path / "auto", OnnxExportConfig(exporter="auto"))
     meta = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}

@@ -1,4 +1,4 @@
-"""Split-graph ONNX export of VLMs (skipit.exporters.onnx_vlm), checked against torch end to end.
+"""Split-graph ONNX export of VLMs (skipit.exporters.onnx), checked against torch end to end.
 
 For each tiny VLM (6 decoder layers) layers 2 and 3 are removed for good with skipit's rewrite and the
 4-layer checkpoint is exported to vision_encoder / embed_tokens / decoder_model_merged. With a fresh
@@ -7,7 +7,7 @@ random image the onnxruntime prefill logits and every cached decode step's logit
 
 Exporter per architecture (CPU time budget): Qwen2-VL goes all through dynamo (the default route; it also
 covers the 3-D multimodal-RoPE decoder input), the others through the legacy exporter (about 1 s per
-graph instead of 5–25 s) — except Idefics3's vision graph, which only dynamo exports (``_SPECS`` falls
+graph instead of 5–25 s) — except Idefics3's vision graph, which only dynamo exports (its ``OnnxConfig`` falls
 back to it, with a warning). export_vlm's own verification adds vision inputs of other image counts and
 sizes than the trace used, and a left-padded prefill batch.
 """
@@ -30,15 +30,15 @@ from tiny_models import VLM_ARCHS, make_inputs  # noqa: E402
 
 from skipit.compat import TRANSFORMERS_MAJOR  # noqa: E402
 from skipit.errors import ExportError, OutputExistsError, UnsupportedArchitectureError  # noqa: E402
-from skipit.exporters.onnx_text import OnnxExportConfig, kv_input_names  # noqa: E402
-from skipit.exporters.onnx_vlm import (  # noqa: E402
+from skipit.exporters.onnx import (  # noqa: E402
     DECODER_FILE,
     EMBED_FILE,
     VISION_FILE,
-    OrtVlmRunner,
+    OnnxExportConfig,
     export_vlm,
-    mrope_position_ids,
+    kv_input_names,
 )
+from skipit.runtime.ort_vlm import OrtVlmRunner, mrope_position_ids  # noqa: E402
 
 # VLM split graphs need transformers 5.x; under 4.57 (the optimum environment) only the refusal is tested.
 needs_tx5 = pytest.mark.skipif(TRANSFORMERS_MAJOR < 5, reason="VLM split-graph export needs transformers 5.x")
@@ -163,7 +163,7 @@ def test_existing_export_is_not_overwritten(tiny_model_dir, tmp_path: Path) -> N
 
 @needs_tx5
 def test_text_only_checkpoint_is_refused(tiny_model_dir, tmp_path: Path) -> None:
-    with pytest.raises(UnsupportedArchitectureError, match="onnx_text"):
+    with pytest.raises(UnsupportedArchitectureError, match="export_text_decoder"):
         export_vlm(tiny_model_dir("LlamaForCausalLM"), tmp_path / "out")
 
 
@@ -192,14 +192,25 @@ def test_mrope_positions_match_get_rope_index(tiny_model_dir) -> None:
 def test_explicit_exporter_falls_back_per_graph_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     """Idefics3's vision graph has no legacy route: an explicit legacy export uses dynamo for it, and says so
     (test_layout_and_slim_kv_inputs checks the graph's recorded exporter)."""
-    from skipit.exporters.onnx_vlm import _SPECS, _routes
+    from skipit.exporters.onnx.archs import onnx_config
 
     arch = "Idefics3ForConditionalGeneration"
     legacy = OnnxExportConfig(exporter="legacy")
-    with caplog.at_level(logging.WARNING, logger="skipit.exporters.onnx_vlm"):
-        assert _routes(arch, _SPECS[arch], "vision", legacy) == ["dynamo"]
-        assert _routes(arch, _SPECS[arch], "decoder", legacy) == ["legacy"]
+    with caplog.at_level(logging.WARNING, logger="skipit.exporters.onnx.archs"):
+        assert onnx_config(arch).routes_for(arch, "vision", legacy) == ["dynamo"]
+        assert onnx_config(arch).routes_for(arch, "decoder", legacy) == ["legacy"]
     assert "Unfold" in caplog.text
+
+
+def test_every_registered_vlm_has_an_onnx_record_and_every_record_an_arch_spec() -> None:
+    """One architecture registry: the export records are keyed by its names and cover exactly its VLMs."""
+    from skipit.compressor.arch import REGISTRY
+    from skipit.exporters.onnx import ONNX_CONFIGS, onnx_config
+
+    vlms = {name for name, spec in REGISTRY.items() if spec.is_vlm}
+    assert vlms == set(ONNX_CONFIGS)
+    assert all(onnx_config(name).is_vlm for name in vlms)
+    assert not onnx_config("LlamaForCausalLM").is_vlm and not onnx_config(None).is_vlm
 
 
 @pytest.mark.skipif(TRANSFORMERS_MAJOR >= 5, reason="on transformers 5.x the export runs: the tests above")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from skipit.exporters.onnx_optimum import optimum_available
+from skipit.exporters.onnx.optimum import optimum_available
 
 MAX_KL = 0.35
 # In the transformers 4.57 environment (make test-optimum) the real model goes through optimum's exporter.
@@ -87,7 +87,7 @@ def test_slim_model_generates_in_a_fresh_process(slim_run) -> None:
     assert tok_cfg.get("tokenizer_class") == "PreTrainedTokenizerFast"
     assert tok_cfg.get("model_input_names") == ["input_ids", "attention_mask"]
 
-    from skipit.exporters.onnx_text import OrtDecoderRunner
+    from skipit.runtime.ort_text import OrtDecoderRunner
 
     runner = OrtDecoderRunner(out / "onnx" / "onnx" / "model.onnx")
     assert runner.num_layers == 29

@@ -16,7 +16,7 @@ import pytest
 
 from skipit.compressor.certify import CertifyPolicy
 from skipit.pipeline import CompressOptions, DataOptions, compress
-from skipit.validators.report import KEPT, write_report
+from skipit.report import KEPT, write_report
 
 VALIDATION = {"checks": [
     {"name": "torch vs onnxruntime max |Δlogit|", "value": 2.1e-6, "bound": 1e-4, "passed": True},

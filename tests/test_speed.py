@@ -10,7 +10,8 @@ import pytest
 
 from skipit.compressor.loading import load_model
 from skipit.errors import InvalidOptionError
-from skipit.validators.speed import TorchRunner, measure_speed
+from skipit.runtime.torch_runner import TorchRunner
+from skipit.validators.speed import measure_speed
 
 
 class FakeRunner:

@@ -21,6 +21,8 @@ from skipit.errors import (
     SkipitError,
 )
 from skipit.exporters import tensorrt as trtx
+from skipit.exporters.tensorrt import engine as trt_engine
+from skipit.runtime import tensorrt as trt_runtime
 
 N_LAYERS, KV_HEADS, HEAD_DIM, HEADS, VOCAB = 2, 2, 4, 4, 40
 
@@ -229,7 +231,7 @@ def test_dummy_past_gives_the_same_logits_as_an_empty_cache(decoder_onnx):
     names = [o.name for o in session.get_outputs()]
     feed = _prefill_feed(batch=2, seq=5)
     plain = dict(zip(names, session.run(None, feed)))
-    dummy_feed = trtx.with_dummy_past(feed)
+    dummy_feed = trt_runtime.with_dummy_past(feed)
     assert dummy_feed["past_key_values.0.key"].shape == (2, KV_HEADS, 1, HEAD_DIM)
     assert dummy_feed["attention_mask"].shape == (2, 6) and (dummy_feed["attention_mask"][:, 0] == 0).all()
     dummy = dict(zip(names, session.run(None, dummy_feed)))
@@ -245,7 +247,44 @@ def test_dummy_past_gives_the_same_logits_as_an_empty_cache(decoder_onnx):
 
     np.testing.assert_allclose(step(dummy, dummy_feed["attention_mask"]), step(plain, feed["attention_mask"]),
                                atol=1e-5)
-    assert trtx.with_dummy_past(dummy_feed).keys() == dummy_feed.keys()  # non-empty cache: unchanged
+    assert trt_runtime.with_dummy_past(dummy_feed).keys() == dummy_feed.keys()  # non-empty cache: unchanged
+
+
+def test_polygraphy_profiles_carry_the_shape_ranges(decoder_onnx):
+    ranges = trtx.shape_ranges(decoder_onnx, "prefill=1x1..1x16,decode=1x1..2x1", max_context=32)
+    profiles = trtx.polygraphy_profiles(ranges)
+    assert len(profiles) == 2
+    for profile, inputs in zip(profiles, ranges.values()):
+        assert set(profile) == set(inputs)
+        for name, (lo, mid, hi) in inputs.items():
+            assert (tuple(profile[name].min), tuple(profile[name].opt), tuple(profile[name].max)) == (lo, mid, hi)
+
+
+def test_decoder_engine_runner_decodes_like_onnxruntime(decoder_onnx):
+    """TrtDecoderRunner — the prompt with a masked dummy past slot, kept in the cache for every step — run by
+    Polygraphy's onnxruntime runner (the interface of its TrtRunner) gives the plain ONNX runner's logits and
+    greedy tokens: the engine's decoding path, checked on a CPU."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    from skipit.runtime.ort_text import OrtDecoderRunner
+
+    ids = np.random.default_rng(1).integers(0, VOCAB, (2, 5)).astype(np.int64)
+    plain = OrtDecoderRunner(decoder_onnx)
+    runner = OnnxrtRunner(SessionFromOnnx(str(decoder_onnx), providers=["CPUExecutionProvider"]))
+    try:
+        engine_like = trt_runtime.TrtDecoderRunner(runner)
+        logits, (present, mask) = engine_like.start(ids)
+        np.testing.assert_allclose(logits, plain.forward(ids)[0], atol=1e-5)
+        assert present[0][0].shape[2] == 6 and mask.shape == (2, 6) and (mask[:, 0] == 0).all()
+        np.testing.assert_array_equal(engine_like.generate_greedy(ids, 6), plain.generate_greedy(ids, 6))
+    finally:
+        runner.deactivate()
+
+
+def test_trt_ops_table_is_data_naming_its_tensorrt_version():
+    table = json.loads((Path(trt_engine.__file__).with_name("trt_ops.json")).read_text())
+    assert table["tensorrt_version"] == trtx.TRT_OPS_VERSION
+    assert trtx.TRT_ONNX_OPS == frozenset(table["operators"]) and "MatMul" in trtx.TRT_ONNX_OPS
 
 
 # --------------------------------------------------------------------------------------------------
@@ -313,7 +352,7 @@ ENV = trtx.EngineEnv(tensorrt_version="10.15.1", cuda_version="12.8", gpu_name="
 def _sidecar(tmp_path, decoder_onnx) -> trtx.EngineSidecar:
     specs = trtx.parse_profiles("prefill=1x1..1x16,decode=1x1..2x1")
     ranges = trtx.shape_ranges(decoder_onnx, specs, 32)
-    return trtx._make_sidecar(tmp_path / "model.engine", decoder_onnx, specs, ranges, "fp16", 32, ENV)
+    return trt_engine._make_sidecar(tmp_path / "model.engine", decoder_onnx, specs, ranges, "fp16", 32, ENV)
 
 
 def test_sidecar_roundtrip(tmp_path, decoder_onnx):
@@ -365,7 +404,7 @@ def test_build_engine_without_tensorrt_says_how_to_get_it(no_tensorrt, decoder_o
     assert "TensorRT is not installed" in str(info.value) and "pip install skipit[gpu]" in str(info.value)
     assert not (tmp_path / "engines").exists()
     with pytest.raises(BackendUnavailableError, match="NVIDIA GPU"):
-        trtx.TrtRunner(tmp_path / "model.engine").activate()
+        trt_runtime.TrtRunner(tmp_path / "model.engine").activate()
 
 
 def test_build_engine_checks_options_before_tensorrt(no_tensorrt, decoder_onnx, tmp_path):
@@ -409,8 +448,8 @@ def test_build_engine_writes_engine_sidecar_and_cache(fp32_engine):
 def test_runner_matches_onnxruntime_for_prefill_and_decode(fp32_engine, decoder_onnx):
     session = _ort(decoder_onnx)
     names = [o.name for o in session.get_outputs()]
-    prefill = trtx.with_dummy_past(_prefill_feed(batch=2, seq=7))
-    with trtx.TrtRunner(fp32_engine) as runner:
+    prefill = trt_runtime.with_dummy_past(_prefill_feed(batch=2, seq=7))
+    with trt_runtime.TrtRunner(fp32_engine) as runner:
         assert sorted(runner.output_names) == sorted(names)
         got = runner.infer(prefill)
         want = dict(zip(names, session.run(None, prefill)))
@@ -428,7 +467,7 @@ def test_runner_matches_onnxruntime_for_prefill_and_decode(fp32_engine, decoder_
 @pytest.mark.trt
 def test_fp16_engine_is_close(trt_gpu, decoder_onnx, tmp_path):
     engine = trtx.build_engine(decoder_onnx, tmp_path, "prefill=1x1..1x16", precision="fp16", max_context=32)
-    feed = trtx.with_dummy_past(_prefill_feed(batch=1, seq=6))
-    with trtx.TrtRunner(engine) as runner:
+    feed = trt_runtime.with_dummy_past(_prefill_feed(batch=1, seq=6))
+    with trt_runtime.TrtRunner(engine) as runner:
         got = runner.infer(feed, profile="prefill")["logits"]
     np.testing.assert_allclose(got, _ort(decoder_onnx).run(None, feed)[0], atol=5e-2, rtol=5e-2)

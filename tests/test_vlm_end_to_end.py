@@ -52,11 +52,11 @@ ATOL = 1e-4
 NEW_TOKENS = 4
 PROMPT = "What is in the picture?"
 # (width, height) of the images of one prompt; none is the trace's square example nor a size of
-# onnx_vlm.PROCESSOR_CHECKS (which the export's own verification already used)
+# skipit.exporters.onnx.verify.PROCESSOR_CHECKS (which the export's own verification already used)
 OTHER_IMAGES = ([(70, 30)], [(33, 81)], [(45, 45), (96, 50)])
 VARIANT_NAMES = sorted(VARIANTS)
 # the ONNX route of each compress run (--exporter); Idefics3's vision graph falls back to dynamo, its only
-# route (onnx_vlm._SPECS)
+# route (skipit.exporters.onnx.archs.ONNX_CONFIGS)
 EXPORTER = {name: "legacy" for name in VARIANT_NAMES}
 
 
@@ -131,7 +131,10 @@ def test_compress_export_validate_exits_0_with_onnx_parity_rows(name: str, compr
     vision_route = "dynamo" if name.startswith("idefics3") else EXPORTER[name] or "dynamo"
     assert routes == {"vision_encoder": vision_route, "decoder_model_merged": EXPORTER[name] or "dynamo"}
     report = json.loads((run.out / "report.json").read_text())
+    assert ".skipit-tmp" not in (run.out / "report.json").read_text(), "report.json names the deleted staging folder"
+    assert report["validation"]["slim"] == str(run.out / "model")
     onnx = report["validation"]["onnx"]
+    assert onnx["onnx_path"] == str(run.out / "onnx" / "onnx")
     assert onnx["layout"] == "split"
     assert onnx["samples"]["image+text"] >= 1 and onnx["samples"]["text"] >= 1
     assert onnx["logits"]["max_abs"] <= 1e-3 and onnx["generation"]["sequence_match"] == 1.0
@@ -163,7 +166,7 @@ def test_export_serves_images_unlike_the_trace(name: str, compressed) -> None:
     """Prefill logits and greedy tokens of OrtVlmRunner vs the slim torch model, on other image sizes, aspect
     ratios and a prompt with two images."""
     from skipit.compressor.loading import load_model
-    from skipit.exporters.onnx_vlm import OrtVlmRunner
+    from skipit.runtime.ort_vlm import OrtVlmRunner
 
     run = compressed(name)
     assert run.exit_code == 0
@@ -216,7 +219,7 @@ def test_runner_names_an_input_the_graph_cannot_serve(compressed) -> None:
     """LLaVA's vision graph has the CLIP crop size fixed: another size is refused with exit code 6 and the
     input's name, not an onnxruntime stack."""
     from skipit.errors import ExportMismatchError
-    from skipit.exporters.onnx_vlm import OrtVlmRunner
+    from skipit.runtime.ort_vlm import OrtVlmRunner
 
     runner = OrtVlmRunner(compressed("llava-p8").out / "onnx")
     with pytest.raises(ExportMismatchError, match=r"pixel_values of shape \[num_images, 3, 48, 48\]") as info:
@@ -228,9 +231,9 @@ def test_export_that_cannot_serve_an_input_exits_6_naming_it(tiny_model_dir, tmp
                                                              capsys: pytest.CaptureFixture) -> None:
     """Without the constant-arange translation the Idefics3 6×6-grid vision graph gathers out of range (the
     original bug): the export's own verification says which input it cannot serve, exit 6 (it was exit 1)."""
-    import skipit.exporters.onnx_vlm as onnx_vlm
+    from skipit.exporters.onnx import trace
 
-    monkeypatch.setattr(onnx_vlm, "dynamo_translations", dict)
+    monkeypatch.setattr(trace, "dynamo_translations", dict)
     code = main(["export", str(tiny_model_dir("idefics3-p8")), str(tmp_path / "out"), "--exporter", "legacy"])
     err = capsys.readouterr().err
     assert code == 6
@@ -243,7 +246,7 @@ def test_constant_float_arange_keeps_torch_length() -> None:
     torch's values, so a bucketize over them runs and matches."""
     import onnxruntime as ort
 
-    from skipit.exporters.onnx_text import dynamo_translations
+    from skipit.exporters.onnx.trace import dynamo_translations
 
     class Buckets(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

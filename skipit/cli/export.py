@@ -29,7 +29,7 @@ def export_command(args: argparse.Namespace) -> int:
                                     max_context=args.max_context, timing_cache=args.timing_cache, opset=args.opset)
             console.print("engines: " + ", ".join(str(e) for e in engines))
             return ExitCode.OK
-        from skipit.exporters.onnx_text import OnnxExportConfig
+        from skipit.exporters.onnx import OnnxExportConfig
 
         if args.dtype not in _ONNX_DTYPES:
             raise InvalidOptionError(f"ONNX export writes float32 or float16, not {args.dtype}")

@@ -129,7 +129,8 @@ def supported_architectures() -> list[str]:
     return sorted(REGISTRY)
 
 
-def _resolve(root: Any, path: str) -> Any:
+def resolve(root: Any, path: str) -> Any:
+    """The attribute at dotted ``path`` below ``root`` (``model.language_model.layers``); AttributeError if absent."""
     obj = root
     for part in path.split("."):
         obj = getattr(obj, part)
@@ -139,7 +140,7 @@ def _resolve(root: Any, path: str) -> Any:
 def _first(root: Any, paths: Sequence[str]) -> tuple[str, Any] | None:
     for path in paths:
         try:
-            return path, _resolve(root, path)
+            return path, resolve(root, path)
         except AttributeError:
             continue
     return None
@@ -169,11 +170,11 @@ class DecoderSpec:
 
     @property
     def layers(self) -> "torch.nn.ModuleList":
-        return _resolve(self.model, self.layers_path)
+        return resolve(self.model, self.layers_path)
 
     @property
     def norm(self) -> "torch.nn.Module":
-        return _resolve(self.model, self.norm_path)
+        return resolve(self.model, self.norm_path)
 
     @property
     def lm_head(self) -> "torch.nn.Module":
@@ -228,7 +229,7 @@ class DecoderSpec:
         old_layers = self.layers
         undo: dict[str, Any] = {"layers": old_layers, "indices": list(self.original_indices), "config": []}
         parent_path, _, attr = self.layers_path.rpartition(".")
-        setattr(_resolve(self.model, parent_path), attr, torch.nn.ModuleList([old_layers[i] for i in keep]))
+        setattr(resolve(self.model, parent_path), attr, torch.nn.ModuleList([old_layers[i] for i in keep]))
         for cfg in self._configs():
             saved = {}
             for key in ("num_hidden_layers", *self.arch.per_layer_lists, *self.arch.layer_index_keys):
@@ -257,7 +258,7 @@ class DecoderSpec:
         for module, value in undo["layer_idx"]:
             module.layer_idx = value
         parent_path, _, attr = self.layers_path.rpartition(".")
-        setattr(_resolve(self.model, parent_path), attr, undo["layers"])
+        setattr(resolve(self.model, parent_path), attr, undo["layers"])
         for cfg, saved in undo["config"]:
             for key, value in saved.items():
                 setattr(cfg, key, value)
@@ -327,4 +328,4 @@ def decoder_spec(model: Any) -> DecoderSpec:
     return spec
 
 
-__all__ = ["ArchSpec", "DecoderSpec", "REGISTRY", "decoder_spec", "register", "supported_architectures"]
+__all__ = ["ArchSpec", "DecoderSpec", "REGISTRY", "decoder_spec", "register", "resolve", "supported_architectures"]

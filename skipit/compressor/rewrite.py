@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from skipit.compat import make_config_portable
+from skipit.compat import make_config_portable, make_tokenizer_portable
 from skipit.errors import RewriteError
 
 log = logging.getLogger(__name__)
@@ -88,23 +88,8 @@ def save_checkpoint(model: Any, processor: Any, source_dir: Path | None, out_dir
                     copied.append(path.name)
     if not copied:
         processor.save_pretrained(out_dir)
-        _portable_tokenizer_class(out_dir, list(getattr(processor, "model_input_names", ["input_ids", "attention_mask"])))
-
-
-def _portable_tokenizer_class(out_dir: Path, input_names: list[str]) -> None:
-    # A tokenizer skipit saved itself (rebuilt from GGUF metadata) is a plain tokenizer.json, whatever class
-    # transformers names: 5.x writes "TokenizersBackend", which 4.x (and optimum) refuse; 4.57 writes the
-    # GGUF architecture's class ("LlamaTokenizer" for SmolLM2's GPT-2-style BPE), which transformers.js
-    # would treat as SentencePiece. "PreTrainedTokenizerFast" loads in 4.57, 5.x, transformers.js and
-    # onnxruntime-genai alike and runs tokenizer.json as saved. Its default inputs include token_type_ids
-    # on 4.x (which generate() refuses), so the tokenizer's own input names are written too.
-    path = out_dir / "tokenizer_config.json"
-    if path.exists() and (out_dir / "tokenizer.json").exists():
-        cfg = json.loads(path.read_text())
-        if cfg.get("tokenizer_class") != "PreTrainedTokenizerFast" or "model_input_names" not in cfg:
-            cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-            cfg.setdefault("model_input_names", input_names)
-            path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+        # a tokenizer skipit rebuilt (from GGUF metadata) is a plain tokenizer.json, whatever class transformers names
+        make_tokenizer_portable(out_dir, list(getattr(processor, "model_input_names", ["input_ids", "attention_mask"])))
 
 
 def _die_with_parent() -> None:

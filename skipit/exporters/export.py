@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from skipit.errors import ExportError
+from skipit.exporters.onnx.convention import DECODER_FILE, EMBED_FILE, MODEL_FILE, VISION_FILE
 
 log = logging.getLogger(__name__)
 
 #: Graph files of an export, in the order engines are built (VLM split graphs, then a text decoder).
-GRAPH_FILES = ("decoder_model_merged.onnx", "embed_tokens.onnx", "vision_encoder.onnx", "model.onnx")
+GRAPH_FILES = (DECODER_FILE, EMBED_FILE, VISION_FILE, MODEL_FILE)
 _DEFAULT_PROFILES = "prefill=1x1..1x512..1x2048,decode=1x1..1x1..4x1"
 
 
@@ -32,13 +33,11 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, config: Any = None) 
     Text decoders get one merged graph with KV cache (``onnx/model.onnx``); VLMs get split graphs
     (``vision_encoder.onnx``, ``embed_tokens.onnx``, ``decoder_model_merged.onnx``).
     """
-    from skipit.exporters.onnx_text import OnnxExportConfig, export_text_decoder
+    from skipit.exporters.onnx import OnnxExportConfig, export_text_decoder, export_vlm
 
     config = config or OnnxExportConfig()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if is_vlm_checkpoint(model_dir):
-        from skipit.exporters.onnx_vlm import export_vlm
-
         if config.backend != "torch":
             raise ExportError(f"--backend {config.backend} exports text decoders only (optimum refuses LLaVA, "
                               "Qwen2-VL and Idefics3); VLM split graphs use --backend torch")
@@ -81,7 +80,7 @@ def build_engines(onnx_dir: str | Path, engines_dir: str | Path, *, profiles: st
         report.raise_for_problems()
     engines = []
     for graph in graphs:
-        if graph.name == "vision_encoder.onnx":
+        if graph.name == VISION_FILE:
             engines.append(build_engine(graph, engines_dir, "prefill=1x1", precision, timing_cache, max_context=max_context))
         else:
             engines.append(build_engine(graph, engines_dir, specs, precision, timing_cache, max_context=max_context))

@@ -19,23 +19,22 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
+from skipit.atomic import write_atomic
 from skipit.errors import ExportError
+from skipit.exporters.onnx.convention import MODEL_FILE, ONNX_SUBDIR, PRESENT_NAME_RE, kv_layers
 
 log = logging.getLogger(__name__)
 
 GENAI_CONFIG = "genai_config.json"
-DEFAULT_DECODER_FILE = "onnx/model.onnx"
+DEFAULT_DECODER_FILE = f"{ONNX_SUBDIR}/{MODEL_FILE}"
 # model.type values onnxruntime-genai 0.18 accepts that name a Hugging Face model_type as is; any other
 # text decoder runs as genai's generic "decoder" (measured: the same tokens for a Llama graph either way).
 _GENAI_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
                           "granite", "olmo", "smollm3"})
 _DEFAULT_CONTEXT = 4096
-_KV_IN = re.compile(r"past_key_values\.(\d+)\.(key|value)")
-_KV_OUT = re.compile(r"present\.(\d+)\.(key|value)")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -71,13 +70,13 @@ def genai_config(model_config: dict[str, Any], generation_config: dict[str, Any]
     cfg = model_config.get("text_config") or model_config
     gen = generation_config
     n_layers = int(cfg["num_hidden_layers"])
-    kv_layers = sorted({int(m.group(1)) for n in inputs if (m := _KV_IN.fullmatch(n))})
-    present_layers = sorted({int(m.group(1)) for n in outputs if (m := _KV_OUT.fullmatch(n))})
+    past_layers = kv_layers(inputs)
+    present_layers = sorted({int(m.group(1)) for n in outputs if (m := PRESENT_NAME_RE.fullmatch(n))})
     if "input_ids" not in inputs or "logits" not in outputs:
         raise ExportError(f"the graph is not a merged decoder (inputs {inputs[:4]}…, outputs {outputs[:3]}…); "
                           "genai_config.json describes graphs with input_ids → logits")
-    if kv_layers != list(range(n_layers)) or present_layers != kv_layers:
-        raise ExportError(f"config.json says {n_layers} layers but the graph has past KV for {len(kv_layers)} and "
+    if past_layers != list(range(n_layers)) or present_layers != past_layers:
+        raise ExportError(f"config.json says {n_layers} layers but the graph has past KV for {len(past_layers)} and "
                           f"present KV for {len(present_layers)} layers; export the slim checkpoint again")
     heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
@@ -161,7 +160,7 @@ def write_genai_config(folder: str | os.PathLike, decoder_file: str = DEFAULT_DE
     config = genai_config(_read_json(folder / "config.json"), _read_json(folder / "generation_config.json"),
                           inputs, outputs, decoder_file)
     path = folder / GENAI_CONFIG
-    path.write_text(json.dumps(config, indent=2) + "\n")
+    write_atomic(path, json.dumps(config, indent=2) + "\n")
     log.info("wrote %s (onnxruntime-genai type %r, %d layers)", path, config["model"]["type"],
              config["model"]["decoder"]["num_hidden_layers"])
     return path

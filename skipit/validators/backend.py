@@ -6,7 +6,7 @@ them (:func:`~skipit.validators.compare.compare_generation`); both sides stop at
 
 Two layouts: a merged text decoder (``onnx/model.onnx``; text samples, prompt = first half of the tokens)
 and the split graphs of a VLM export (``vision_encoder.onnx`` → ``embed_tokens.onnx`` →
-``decoder_model_merged.onnx``, run by :class:`~skipit.exporters.onnx_vlm.OrtVlmRunner`): up to ``samples``
+``decoder_model_merged.onnx``, run by :class:`~skipit.runtime.ort_vlm.OrtVlmRunner`): up to ``samples``
 image+text samples *and* up to ``samples`` text-only ones, encoded as the certificate encodes them, with
 prompts cut as the parity check cuts them (never inside an image).
 """
@@ -21,6 +21,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from skipit.errors import ExportMismatchError, InvalidOptionError, SkipitError
+from skipit.exporters.onnx.convention import MODEL_FILE, ONNX_SUBDIR, find_split_export
+from skipit.runtime.base import host
 from skipit.validators.compare import GenerationComparison, LogitComparison, compare_generation, compare_logits
 
 log = logging.getLogger(__name__)
@@ -67,9 +69,7 @@ class BackendParity:
 
 def find_onnx(path: str | Path) -> Path:
     """The decoder graph in ``path``: the file itself, ``onnx/model.onnx``, ``model.onnx`` or the only ``*.onnx``;
-    for a split VLM export (:func:`~skipit.exporters.onnx_vlm.find_split_export`), the folder of its graphs."""
-    from skipit.exporters.onnx_vlm import find_split_export
-
+    for a split VLM export (:func:`~skipit.exporters.onnx.convention.find_split_export`), the folder of its graphs."""
     path = Path(path)
     if not path.exists():
         raise InvalidOptionError(f"--onnx {path} does not exist; give the export directory or its .onnx file")
@@ -78,7 +78,7 @@ def find_onnx(path: str | Path) -> Path:
         return split[1]
     if path.is_file():
         return path
-    for candidate in (path / "onnx" / "model.onnx", path / "model.onnx", path / "decoder_model_merged.onnx"):
+    for candidate in (path / ONNX_SUBDIR / MODEL_FILE, path / MODEL_FILE, path / "decoder_model_merged.onnx"):
         if candidate.is_file():
             return candidate
     found = sorted(path.rglob("*.onnx"))
@@ -88,20 +88,10 @@ def find_onnx(path: str | Path) -> Path:
     raise InvalidOptionError(f"cannot tell which graph in {path} is the decoder (found: {what}); pass the .onnx file itself")
 
 
-def ort_runner(onnx_path: Path, device: str = "auto") -> Any:
-    """An ``OrtDecoderRunner`` for a decoder graph, an ``OrtVlmRunner`` for a split export's folder (raises
-    :class:`BackendUnavailableError` if it cannot exist here)."""
-    from skipit.validators.speed import OrtRunner
-
-    return OrtRunner(onnx_path, name="ort", device=device).runner
-
-
 def backend_parity(slim: Any, processor: Any, samples: Sequence[Any], onnx: str | Path,
                    config: BackendParityConfig = BackendParityConfig()) -> BackendParity:
     """Compare the ONNX export at ``onnx`` with the torch model ``slim`` on the first ``samples`` (see the module
     docstring for which samples each layout takes)."""
-    from skipit.exporters.onnx_vlm import find_split_export
-
     path = find_onnx(onnx)
     if find_split_export(path) is not None:
         return _split_parity(slim, processor, samples, path, config)
@@ -128,12 +118,13 @@ def _decoder_parity(slim: Any, processor: Any, samples: Sequence[Any], path: Pat
     """A merged text decoder graph on the first text-only samples."""
     import torch
 
-    from skipit.validators.generation import greedy
+    from skipit.runtime.ort import open_onnx
+    from skipit.runtime.torch_runner import hf_greedy
 
     texts = [s for s in samples if s.image is None][: config.samples]
     if not texts:
         raise InvalidOptionError("ONNX parity compares the text decoder and needs text-only samples; the data has none")
-    runner = ort_runner(path, config.device)
+    runner = open_onnx(path, config.device)
     tokenizer = getattr(processor, "tokenizer", processor)
     device = next(slim.parameters()).device
     eos = _eos(slim, tokenizer)
@@ -149,7 +140,7 @@ def _decoder_parity(slim: Any, processor: Any, samples: Sequence[Any], path: Pat
         ref.append(expected[0])
         prompt = ids[:, : max(1, ids.shape[1] // 2)]
         gen_ort.append(runner.generate_greedy(prompt, config.new_tokens, eos_token_id=eos)[0, prompt.shape[1]:].tolist())
-        gen_torch.append(greedy(slim, {"input_ids": torch.as_tensor(prompt, device=device),
+        gen_torch.append(hf_greedy(slim, {"input_ids": torch.as_tensor(prompt, device=device),
                                        "attention_mask": torch.ones(prompt.shape, dtype=torch.long, device=device)},
                                 config.new_tokens, tokenizer.pad_token_id))
     return _result(path, cand, ref, gen_ort, gen_torch, config, DECODER_LAYOUT, {"text": len(texts)})
@@ -163,14 +154,16 @@ def _split_parity(slim: Any, processor: Any, samples: Sequence[Any], path: Path,
 
     from skipit.compressor.arch import decoder_spec
     from skipit.compressor.calibration import encode
-    from skipit.validators.generation import build_prompts, greedy
+    from skipit.runtime.ort import open_onnx
+    from skipit.runtime.torch_runner import hf_greedy
+    from skipit.validators.generation import build_prompts
 
     images = [s for s in samples if s.image is not None][: config.samples]
     texts = [s for s in samples if s.image is None][: config.samples]
     if not images and not texts:
         raise InvalidOptionError("ONNX parity needs samples; the evaluation data has none")
     chosen = images + texts
-    runner = ort_runner(path, config.device)
+    runner = open_onnx(path, config.device)
     spec = decoder_spec(slim)
     tokenizer = getattr(processor, "tokenizer", processor)
     device = str(next(slim.parameters()).device)
@@ -178,7 +171,7 @@ def _split_parity(slim: Any, processor: Any, samples: Sequence[Any], path: Path,
     cand, ref = [], []
     for batch in encode(chosen, processor, spec, batch_size=1, max_length=config.max_tokens, device=device):
         sample = chosen[batch.sample_ids[0]]
-        feed = _host(batch.inputs)
+        feed = {k: host(v) for k, v in batch.inputs.items()}
         what = f"sample {sample.origin or '?'} ({'image+text' if sample.image is not None else 'text'})"
         logits, _, _ = _onnx_run(path, what, lambda: runner.prefill(feed["input_ids"], feed, feed["attention_mask"]))
         with torch.inference_mode():
@@ -188,20 +181,15 @@ def _split_parity(slim: Any, processor: Any, samples: Sequence[Any], path: Path,
     gen_ort, gen_torch = [], []
     for prompt in build_prompts(chosen, processor, spec, max_prompt_tokens=config.max_tokens,
                                 max_length=config.max_tokens, device=device):
-        feed = _host(prompt.inputs)
+        feed = {k: host(v) for k, v in prompt.inputs.items()}
         ids = feed["input_ids"]
         out = _onnx_run(path, f"the greedy prompt of sample {chosen[prompt.sample_id].origin or '?'}",
                         lambda: runner.generate_greedy(ids, feed, config.new_tokens, attention_mask=feed["attention_mask"],
                                                        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id))
         gen_ort.append(out[0, ids.shape[1]:].tolist())
-        gen_torch.append(greedy(slim, prompt.inputs, config.new_tokens, tokenizer.pad_token_id))
+        gen_torch.append(hf_greedy(slim, prompt.inputs, config.new_tokens, tokenizer.pad_token_id))
     return _result(path, cand, ref, gen_ort, gen_torch, config, SPLIT_LAYOUT,
                    {"image+text": len(images), "text": len(texts)})
-
-
-def _host(inputs: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Processor outputs as numpy arrays on the host (what onnxruntime is fed)."""
-    return {k: v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v) for k, v in inputs.items()}
 
 
 def _result(path: Path, cand: list[np.ndarray], ref: list[np.ndarray], gen_ort: list[list[int]],

@@ -38,14 +38,21 @@ from pathlib import Path
 from typing import Any, Callable
 
 from skipit.compressor.loading import LoadedModel, LoadOptions
-from skipit.errors import ExportError, ExportMismatchError, InvalidOptionError, ModelLoadError, TokenizerMismatchError
+from skipit.errors import (
+    ExitCode,
+    ExportError,
+    ExportMismatchError,
+    InvalidOptionError,
+    ModelLoadError,
+    TokenizerMismatchError,
+)
 from skipit.validators.backend import BackendParity, BackendParityConfig
 from skipit.validators.parity import ParityConfig, ParityReport
 from skipit.validators.speed import SpeedConfig, SpeedResult
 
 log = logging.getLogger(__name__)
 
-EXIT_PASS, EXIT_PARITY, EXIT_SPEED, EXIT_EXPORT = 0, 4, 5, 6
+EXIT_PASS, EXIT_PARITY, EXIT_SPEED, EXIT_EXPORT = ExitCode.OK, ExitCode.PARITY, ExitCode.SPEED, ExitCode.EXPORT_MISMATCH
 #: kind of check → exit code, in order of precedence
 EXIT_CODES = {"parity": EXIT_PARITY, "export": EXIT_EXPORT, "speed": EXIT_SPEED}
 Progress = Callable[[str, dict[str, Any]], None]
@@ -156,6 +163,16 @@ class ValidationReport:
         from skipit.validators.summary import render_summary
 
         return render_summary(self)
+
+
+def final_path(path: str | Path) -> str:
+    """``path`` with skipit-compress's staging folder (``.OUT.skipit-tmp-XXXX``, see :class:`skipit.atomic.OutputDir`)
+    named as the ``OUT`` it becomes when the run commits: ``--validate`` validates the staged output, and its
+    report (``report.json``, the printed summary) must name the paths that exist afterwards."""
+    from skipit.atomic import TMP_TAG
+
+    parts = [p[1:].split(TMP_TAG)[0] if p.startswith(".") and TMP_TAG in p else p for p in Path(path).parts]
+    return str(Path(*parts)) if parts else str(path)
 
 
 def _slim_dirs(slim_path: Path) -> tuple[Path, Path | None]:
@@ -348,8 +365,10 @@ def _speed_checks(speed: SpeedResult, config: GateConfig) -> list[Check]:
 def _measure_speed(original: Any, slim: Any, config: GateConfig) -> SpeedResult:
     from dataclasses import asdict
 
+    from skipit.runtime.ort import OrtRunner
+    from skipit.runtime.torch_runner import TorchRunner
     from skipit.validators.backend import find_onnx
-    from skipit.validators.speed import OrtRunner, TorchRunner, measure_speed
+    from skipit.validators.speed import measure_speed
 
     runners: dict[str, Any] = {"original": TorchRunner(original, "original"), "slim": TorchRunner(slim, "slim")}
     if config.onnx is not None:
@@ -389,11 +408,12 @@ def validate(original_path: str | Path, slim_path: str | Path, config: GateConfi
     if config.onnx is not None:
         emit("stage", {"name": f"ONNX Runtime vs torch on {config.onnx}"})
         onnx = backend_parity(slim.model, slim.processor, samples, config.onnx, config.backend)  # the slim's own
+        onnx.onnx_path = final_path(onnx.onnx_path)
         checks += _export_checks(onnx, config)
     if config.min_speedup is not None:
         emit("stage", {"name": "measuring speed (runners interleaved)"})
         speed = _measure_speed(original.model, slim.model, config)
         checks += _speed_checks(speed, config)
-    report = ValidationReport(str(original_path), str(slim_dir), data_info, parity, checks, removed, onnx, speed)
+    report = ValidationReport(str(original_path), final_path(slim_dir), data_info, parity, checks, removed, onnx, speed)
     log.info("validation %s (exit code %d)", "passed" if report.passed else "failed", report.exit_code)
     return report

@@ -1,4 +1,5 @@
-"""Greedy generation prompts for parity checks, and answer matching for task accuracy.
+"""Greedy generation prompts for parity checks, and answer matching for task accuracy (the generation itself:
+:func:`skipit.runtime.torch_runner.hf_greedy`, :func:`skipit.runtime.base.greedy_decode`).
 
 A prompt is cut from the sample's own encoding (the same :func:`~skipit.compressor.calibration.encode`
 the certificate used), so text and image+text samples are handled alike:
@@ -67,16 +68,6 @@ def build_prompts(
             k = max(k, int(vision[-1]) + 1)
         prompts.append(Prompt(i, _cut(full.inputs, max(1, k)), sample.answer))
     return prompts
-
-
-def greedy(model: Any, inputs: dict[str, Any], max_new_tokens: int, pad_token_id: int | None = None) -> list[int]:
-    """The greedily generated token ids (prompt excluded; stops early at EOS, which is kept)."""
-    import torch
-
-    with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                             temperature=None, top_p=None, top_k=None, pad_token_id=pad_token_id)
-    return out[0, inputs["input_ids"].shape[-1]:].tolist()
 
 
 def normalize_answer(text: str) -> str:

@@ -200,7 +200,8 @@ def generation_parity(original: Any, slim: Any, samples: Sequence[Any], processo
                       config: ParityConfig = ParityConfig(), on_event: Event | None = None) -> GenerationParity:
     """Greedy continuations of both models from the same prompts; accuracy where samples have answers."""
     from skipit.compressor.arch import decoder_spec
-    from skipit.validators.generation import answer_matches, build_prompts, greedy
+    from skipit.runtime.torch_runner import hf_greedy
+    from skipit.validators.generation import answer_matches, build_prompts
 
     emit = on_event or (lambda kind, info: None)
     chosen = _generation_samples(samples, config)
@@ -212,7 +213,7 @@ def generation_parity(original: Any, slim: Any, samples: Sequence[Any], processo
     emit("pass_start", {"split": f"greedy generation ({config.new_tokens} tokens)", "removed": [], "samples": len(prompts)})
     gen_o, gen_s, rows = [], [], []
     for p in prompts:
-        a, b = (greedy(m, p.inputs, config.new_tokens, tokenizer.pad_token_id) for m in (original, slim))
+        a, b = (hf_greedy(m, p.inputs, config.new_tokens, tokenizer.pad_token_id) for m in (original, slim))
         equal, length, first = sequence_agreement(a, b)
         rows.append((equal / length if length else 1.0, float(first is None)))
         gen_o.append(a)

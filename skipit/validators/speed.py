@@ -1,10 +1,11 @@
 """Latency of several runners (torch original, torch slim, ONNX Runtime slim …), measured fairly.
 
-Runners share one small interface (:class:`Runner`): ``name``, ``device``, ``vocab_size``,
+Runners share one small interface (:class:`skipit.runtime.base.Runner`): ``name``, ``device``, ``vocab_size``,
 ``prefill(input_ids) -> seconds`` (one full forward at batch 1, no cache), ``decode(input_ids, n) ->
 seconds`` (prefill without timing, then ``n`` greedy steps with the KV cache, timed) and
-``peak_memory()``. Each runner times itself: CUDA work with ``torch.cuda.Event`` pairs, CPU work (and
-ONNX Runtime, whose outputs are on the host when ``run`` returns) with ``time.perf_counter``.
+``peak_memory()``. Each runner times itself (:mod:`skipit.runtime`): CUDA work with ``torch.cuda.Event``
+pairs, CPU work (and ONNX Runtime, whose outputs are on the host when ``run`` returns) with
+``time.perf_counter``.
 
 :func:`measure_speed` runs the runners **interleaved** (A, B, A, B, …) for every measurement so that
 drift (thermal, other processes) hits all of them alike, drops the warm-up rounds, and reports the
@@ -12,211 +13,22 @@ median with the interquartile range and min/max per runner, plus ratios against 
 The executed order is recorded in ``schedule``.
 
 Memory: on CUDA (torch) the peak of ``torch.cuda.max_memory_allocated`` over the runner's calls; on
-CPU the growth of the process' resident memory across the runner's calls (psutil; without it the
-growth of the lifetime peak from ``resource.getrusage``) — a rough, lower-bound figure, since
-runners share the process.
+CPU the growth of the process' resident memory across the runner's calls — a rough, lower-bound figure,
+since runners share the process.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
-import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from skipit.errors import BackendUnavailableError, InvalidOptionError
+from skipit.errors import InvalidOptionError
+from skipit.runtime.base import Runner
 
 log = logging.getLogger(__name__)
-
-
-class Runner(Protocol):
-    """What :func:`measure_speed` needs from a backend."""
-
-    name: str
-    device: str
-    vocab_size: int
-
-    def prefill(self, input_ids: np.ndarray) -> float:
-        """One forward over ``input_ids`` [1, T] without a cache; seconds."""
-
-    def decode(self, input_ids: np.ndarray, n_tokens: int) -> float:
-        """Prefill ``input_ids`` (not timed), then ``n_tokens`` greedy cached steps; seconds for the steps."""
-
-    def peak_memory(self) -> dict[str, Any] | None:
-        """``{"method": str, "bytes": int}`` observed so far, or None where it cannot be measured."""
-
-
-class _RssMemory:
-    """Resident-memory growth of the process across this runner's calls (see the module docstring)."""
-
-    _rss_base: int | None = None
-    _rss_peak: int = 0
-
-    @staticmethod
-    def _rss() -> tuple[str, int]:
-        try:
-            import psutil
-
-            return "cpu_rss_growth_psutil", int(psutil.Process().memory_info().rss)
-        except ImportError:
-            import resource
-
-            return "cpu_maxrss_growth_getrusage", int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-    def _memory_before(self) -> None:
-        if self._rss_base is None:
-            self._rss_base = self._rss()[1]
-
-    def _memory_after(self) -> None:
-        self._rss_peak = max(self._rss_peak, self._rss()[1] - (self._rss_base or 0))
-
-    def peak_memory(self) -> dict[str, Any] | None:
-        return {"method": self._rss()[0], "bytes": self._rss_peak} if self._rss_base is not None else None
-
-
-class TorchRunner(_RssMemory):
-    """A transformers causal LM (text decoding). CUDA timings use ``torch.cuda.Event``."""
-
-    def __init__(self, model: Any, name: str = "torch") -> None:
-        self.model = model
-        self.name = name
-        self.device = str(next(model.parameters()).device)
-        self.vocab_size = int(model.config.get_text_config().vocab_size)
-        self._cuda = self.device.startswith("cuda")
-        self._cuda_peak = 0
-
-    def _timed(self, fn: Callable[[], Any]) -> float:
-        import torch
-
-        if not self._cuda:
-            self._memory_before()
-            start = time.perf_counter()
-            with torch.inference_mode():
-                fn()
-            elapsed = time.perf_counter() - start
-            self._memory_after()
-            return elapsed
-        torch.cuda.reset_peak_memory_stats(self.device)
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        with torch.inference_mode():
-            fn()
-        end.record()
-        end.synchronize()
-        self._cuda_peak = max(self._cuda_peak, int(torch.cuda.max_memory_allocated(self.device)))
-        return begin.elapsed_time(end) / 1000.0
-
-    def _ids(self, input_ids: np.ndarray) -> Any:
-        import torch
-
-        return torch.as_tensor(np.asarray(input_ids), dtype=torch.long, device=self.device)
-
-    def prefill(self, input_ids: np.ndarray) -> float:
-        ids = self._ids(input_ids)
-        return self._timed(lambda: self.model(input_ids=ids, use_cache=False))
-
-    def decode(self, input_ids: np.ndarray, n_tokens: int) -> float:
-        import torch
-
-        # transformers ≥ 5.24 calls the KV cache ``cache`` (argument and output); earlier 5.x ``past_key_values``
-        kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-        with torch.inference_mode():
-            out = self.model(input_ids=self._ids(input_ids), use_cache=True)
-        state = {"out": out}
-
-        def steps() -> None:
-            for _ in range(n_tokens):
-                o = state["out"]
-                cache = o.cache if getattr(o, "cache", None) is not None else o.past_key_values
-                state["out"] = self.model(input_ids=o.logits[:, -1:].argmax(-1), use_cache=True, **{kwarg: cache})
-
-        return self._timed(steps)
-
-    def peak_memory(self) -> dict[str, Any] | None:
-        if self._cuda:
-            return {"method": "cuda_max_allocated", "bytes": self._cuda_peak} if self._cuda_peak else None
-        return super().peak_memory()
-
-
-def ort_providers(device: str = "auto") -> list[str]:
-    """ONNX Runtime execution providers for ``device`` (``auto``: CUDA when present, else CPU)."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if device.startswith("cuda") or (device == "auto" and "CUDAExecutionProvider" in available):
-        if "CUDAExecutionProvider" not in available:
-            raise BackendUnavailableError(
-                f"ONNX Runtime has no CUDA provider here (available: {', '.join(available)}); "
-                "install onnxruntime-gpu (pip install skipit[gpu]) or run on CPU")
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
-
-class OrtRunner(_RssMemory):
-    """An exported decoder graph run by :class:`skipit.exporters.onnx_text.OrtDecoderRunner`, or the split graphs
-    of a VLM export (``onnx_path`` is then their folder; text prompts through embeddings → decoder, run by
-    :class:`skipit.exporters.onnx_vlm.OrtVlmRunner`, as :class:`TorchRunner` runs a VLM on text).
-
-    ``threads`` sets ONNX Runtime's intra-op threads (default: its own choice); give torch the same
-    (``torch.set_num_threads``) for a fair CPU comparison.
-    """
-
-    def __init__(self, onnx_path: str | Path, name: str = "ort", device: str = "auto", vocab_size: int | None = None,
-                 threads: int | None = None) -> None:
-        try:
-            import onnxruntime as ort
-
-            from skipit.exporters.onnx_text import OrtDecoderRunner
-            from skipit.exporters.onnx_vlm import OrtVlmRunner, find_split_export
-        except ImportError as exc:
-            raise BackendUnavailableError(
-                f"the ONNX Runtime runner is not available ({exc}); install skipit[onnx]") from None
-        providers = ort_providers(device)
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        split = find_split_export(onnx_path)
-        if split is not None:
-            self.runner = OrtVlmRunner(split[0], providers=providers, session_options=options, onnx_dir=split[1])
-            decoder = self.runner.decoder
-        else:
-            self.runner = OrtDecoderRunner(onnx_path, providers=providers, session_options=options)
-            decoder = self.runner.session
-        self.name = name
-        self.device = "cuda" if providers[0].startswith("CUDA") else "cpu"
-        graph_vocab = decoder.get_outputs()[0].shape[-1]
-        self.vocab_size = int(vocab_size or (graph_vocab if isinstance(graph_vocab, int) else 0))
-
-    def _timed(self, fn: Callable[[], Any]) -> float:
-        self._memory_before()
-        start = time.perf_counter()
-        fn()
-        elapsed = time.perf_counter() - start
-        self._memory_after()
-        return elapsed
-
-    def prefill(self, input_ids: np.ndarray) -> float:
-        ids = np.asarray(input_ids, dtype=np.int64)
-        return self._timed(lambda: self.runner.forward(ids))
-
-    def decode(self, input_ids: np.ndarray, n_tokens: int) -> float:
-        logits, present = self.runner.forward(np.asarray(input_ids, dtype=np.int64))
-        state = {"logits": logits, "present": present}
-
-        def steps() -> None:
-            for _ in range(n_tokens):
-                nxt = np.asarray(state["logits"])[:, -1:].argmax(-1).astype(np.int64)
-                state["logits"], state["present"] = self.runner.forward(nxt, past=state["present"])
-
-        return self._timed(steps)
-
-
-# ----------------------------------------------------------------------------------------------
-# measurement
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ model is loaded once) and returns, per model, its architecture, ``block_count`` 
 and for each prompt the prompt tokens and the greedily generated tokens and text. Decoding is pure
 greedy (temperature 0, no repeat penalty, which node-llama-cpp's ``LlamaCompletion`` would otherwise
 apply) and keeps a final end-of-generation token, as transformers' ``generate`` keeps EOS, so the
-token lists compare directly with :func:`skipit.validators.generation.greedy`'s.
+token lists compare directly with :func:`skipit.runtime.torch_runner.hf_greedy`'s.
 
 Threads default to 1: on a 2-core machine llama.cpp's default thread count made a 12-token
 continuation of the 135M SmolLM2 take 88 s instead of 0.3 s (measured).

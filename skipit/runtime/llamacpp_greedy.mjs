@@ -1,5 +1,5 @@
 // Greedy continuations from llama.cpp (through node-llama-cpp's prebuilt CPU binaries) for one or
-// more GGUF files. Run by skipit.validators.llamacpp:
+// more GGUF files. Run by skipit.runtime.llamacpp:
 //   node llamacpp_greedy.mjs REQUEST.json RESULT.json
 // REQUEST: {node_dir, models: [path], prompts: [string | [token id]], max_tokens, threads, context_size}
 // RESULT:  {version, models: [{path, architecture, block_count, total_layers, results: [
