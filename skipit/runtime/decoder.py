@@ -91,14 +91,22 @@ class MergedDecoder:
         flat = outputs[1:]
         return outputs[0], [(flat[2 * i], flat[2 * i + 1]) for i in range(self.num_layers)]
 
+    def prompt_past(self, batch: int) -> KV:
+        """The past a prompt starts from: empty (onnxruntime accepts zero-length tensors)."""
+        return self.empty_past(batch)
+
     # -- StepDecoder ---------------------------------------------------------------------------------
     def start(self, input_ids: Any, attention_mask: Any = None, inputs: Mapping[str, Any] | None = None
               ) -> tuple["np.ndarray", tuple[KV, "np.ndarray"]]:
+        """The prompt after :meth:`prompt_past`, whose slots (if any) the mask keeps out, now and at every step."""
         import numpy as np
 
         ids = np.asarray(input_ids, dtype=np.int64)
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
-        logits, present = self.forward(ids, mask)
+        past = self.prompt_past(ids.shape[0])
+        slots = past[0][0].shape[2] if past else 0
+        mask = np.concatenate([np.zeros((ids.shape[0], slots), np.int64), mask], axis=1)
+        logits, present = self.forward(ids, mask, past)
         return logits, (present, mask)
 
     def advance(self, next_ids: Any, state: tuple[KV, "np.ndarray"]) -> tuple["np.ndarray", tuple[KV, "np.ndarray"]]:

@@ -235,22 +235,12 @@ class TrtDecoderRunner(MergedDecoder):
         out = self.runner.infer(feed)
         return [out[n] for n in output_names]
 
-    def dummy_past(self, batch: int) -> KV:
+    def prompt_past(self, batch: int) -> KV:
         """One zero slot per layer: the prompt's past (masked out by a leading 0 in the attention mask)."""
         import numpy as np
 
         shape = (batch, self.kv_heads, 1, self.head_dim)
         return [(np.zeros(shape, self.kv_dtype), np.zeros(shape, self.kv_dtype)) for _ in range(self.num_layers)]
-
-    def start(self, input_ids: Any, attention_mask: Any = None, inputs: Mapping[str, Any] | None = None
-              ) -> tuple["np.ndarray", tuple[KV, "np.ndarray"]]:
-        import numpy as np
-
-        ids = np.asarray(input_ids, dtype=np.int64)
-        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
-        mask = np.concatenate([np.zeros((ids.shape[0], 1), np.int64), mask], axis=1)
-        logits, present = self.forward(ids, mask, self.dummy_past(ids.shape[0]))
-        return logits, (present, mask)
 
 
 class TrtTimedRunner(HostTimedRunner):
