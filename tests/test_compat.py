@@ -83,3 +83,24 @@ def test_optimum_export_of_a_5x_checkpoint_matches_torch(llama_5x_style: Path, t
         ref = load_model(llama_5x_style).model(input_ids=ids).logits.numpy()
     logits, _ = OrtDecoderRunner(graph).forward(ids.numpy())
     assert abs(logits - ref).max() <= 1e-4
+
+
+def test_make_tokenizer_portable_names_a_class_every_client_reads(tmp_path: Path) -> None:
+    """One helper for the ONNX folder's copy (only 5.x's TokenizersBackend is replaced: a user's class is kept) and
+    for a tokenizer skipit rebuilt itself (any class, and its own input names)."""
+    from skipit.compat import make_tokenizer_portable
+
+    (tmp_path / "tokenizer.json").write_text("{}")
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(json.dumps({"tokenizer_class": "TokenizersBackend"}))
+    assert make_tokenizer_portable(tmp_path, replace=("TokenizersBackend",))
+    assert json.loads(config.read_text()) == {"tokenizer_class": "PreTrainedTokenizerFast",
+                                              "model_input_names": ["input_ids", "attention_mask"]}
+    config.write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    assert not make_tokenizer_portable(tmp_path, replace=("TokenizersBackend",))
+    assert make_tokenizer_portable(tmp_path, ["input_ids"])
+    assert json.loads(config.read_text())["model_input_names"] == ["input_ids"]
+    assert not make_tokenizer_portable(tmp_path)  # already portable
+    (tmp_path / "tokenizer.json").unlink()
+    config.write_text(json.dumps({"tokenizer_class": "TokenizersBackend"}))
+    assert not make_tokenizer_portable(tmp_path)  # no tokenizer.json: nothing PreTrainedTokenizerFast could load

@@ -154,6 +154,24 @@ def test_greedy_generation_matches_torch(reference) -> None:
 
 
 @needs_tx5
+def test_speed_runner_runs_text_prompts_through_the_split_graphs(reference) -> None:
+    """measure_speed's ONNX Runtime runner on a VLM export: a text prompt through embeddings → decoder gives
+    torch's logits, and the greedy loop from it gives the tokens the image-prompt path gives without images."""
+    from skipit.runtime.base import greedy_decode
+    from skipit.runtime.ort import OrtRunner
+
+    model, _, runner = reference
+    speed = OrtRunner(runner.out_dir, device="cpu")
+    ids = np.arange(3, 11, dtype=np.int64)[None]
+    logits, _ = speed.decoder.start(ids)
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids)).logits.numpy()
+    assert float(np.abs(logits - ref).max()) <= ATOL
+    np.testing.assert_array_equal(greedy_decode(speed.decoder, ids, 4), runner.generate_greedy(ids, None, 4))
+    assert speed.prefill(ids) > 0 and speed.decode(ids, 3) > 0 and speed.peak_memory() is not None
+
+
+@needs_tx5
 def test_existing_export_is_not_overwritten(tiny_model_dir, tmp_path: Path) -> None:
     (tmp_path / "onnx").mkdir()
     (tmp_path / "onnx" / DECODER_FILE).write_bytes(b"")
