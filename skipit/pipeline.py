@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from skipit.compressor.analyze import AnalyzeConfig, run_pass
 from skipit.compressor.arch import decoder_spec
-from skipit.compressor.calibration import encode, load_calibration, read_jsonl
+from skipit.compressor.calibration import DataOptions, encode, load_calibration, read_jsonl
 from skipit.compressor.certify import Certificate, CertifyPolicy, certify
 from skipit.compressor.heal import HealConfig
 from skipit.compressor.loading import LoadedModel, LoadOptions, load_model
@@ -22,27 +22,6 @@ from skipit.validators.report import write_report
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, dict[str, Any]], None]
-
-
-@dataclass(frozen=True)
-class DataOptions:
-    """Which calibration data, and how it is encoded."""
-
-    path: Path | None = None
-    limit: int | None = None
-    batch_size: int = 8
-    max_length: int = 128
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.limit is not None and self.limit < 6:
-            raise InvalidOptionError(f"--calib-limit must be ≥ 6 (calibration, holdout and test splits each need "
-                                     f"samples), got {self.limit}")
-        if self.batch_size < 1:
-            raise InvalidOptionError(f"--batch-size must be ≥ 1, got {self.batch_size}")
-        if self.max_length < 2:
-            raise InvalidOptionError(f"--max-length must be ≥ 2 tokens (a next-token prediction needs two), "
-                                     f"got {self.max_length}")
 
 
 @dataclass(frozen=True)

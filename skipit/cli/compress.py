@@ -70,6 +70,9 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-top1", type=float, help="lower bound on top-1 agreement with the original")
     g.add_argument("--protect", type=_int_list, default=CertifyPolicy.protect, help="layers never removed (default: 0,-1)")
     g.add_argument("--confidence", type=float, default=CertifyPolicy.confidence)
+    g.add_argument("--bound", choices=["worst-domain", "pooled"], default=CertifyPolicy.bound,
+                   help="what the held-out check certifies: the worst domain's upper bound (default; domains come "
+                        "from the built-in data or a JSONL \"domain\" field) or the pooled mean's")
     g.add_argument("--probe-width", type=int,
                    help="best-ranked candidates tried per step: screened on a quarter of the calibration samples, the "
                         f"best {CertifyPolicy.verify_top} verified on all of them (default {CertifyPolicy.probe_width}; "
@@ -117,7 +120,7 @@ def options_from(args: argparse.Namespace, compress: bool) -> Any:
         kw = {} if args.max_kl is None and args.max_layers is None else {"max_kl": args.max_kl}
         width = {} if args.probe_width is None else {"probe_width": args.probe_width}
         policy = CertifyPolicy(**kw, max_layers=args.max_layers, min_top1=args.min_top1, protect=args.protect,
-                               confidence=args.confidence, **width)
+                               confidence=args.confidence, bound=args.bound, **width)
     return CompressOptions(
         heal=_heal_config(args) if getattr(args, "heal", False) else None,
         heal_data=getattr(args, "heal_data", None),
@@ -142,6 +145,12 @@ def _summary(console: Any, manifest: dict[str, Any], out_dir: Path) -> None:
     table.add_row("removed layers", ", ".join(map(str, cert["layers"])))
     table.add_row("held-out KL (nats/token)", f"{hold['kl']['mean']:.4f}  (≤ {hold['kl']['hi']:.4f})")
     table.add_row("held-out top-1 agreement", f"{hold['top1']['mean']:.3f}  (≥ {hold['top1']['lo']:.3f})")
+    bound = hold.get("bound") or {}
+    if bound.get("kind") == "worst-domain":
+        table.add_row("certified (worst domain)", f"KL ≤ {bound['kl_hi']:.4f} ({bound['domain']}, "
+                                                  f"{len(hold['domains'])} domains)")
+    if hold.get("longest_context"):
+        table.add_row("longest context covered", f"{hold['longest_context']} tokens")
     if cert.get("healing"):
         before = cert["healing"]["holdout_before"]["kl"]["mean"]
         table.add_row("healing", f"held-out KL {before:.4f} → {hold['kl']['mean']:.4f} "

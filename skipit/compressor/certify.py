@@ -26,6 +26,13 @@ from skipit.errors import InvalidOptionError, NothingToRemoveError
 log = logging.getLogger(__name__)
 
 
+BOUNDS = ("worst-domain", "pooled")
+#: A domain needs this many held-out samples for a bound of its own; smaller ones are pooled as "other".
+MIN_DOMAIN_SAMPLES = 3
+#: Ends of the token-position buckets (1-based) of the per-context-length figures.
+POSITION_EDGES = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
 @dataclass(frozen=True)
 class CertifyPolicy:
     """What a certificate must guarantee, and how hard to search.
@@ -48,6 +55,10 @@ class CertifyPolicy:
         max_vision_attention: cross-modal condition (VLMs): a layer whose text queries put more than
             this share of their attention on vision tokens is not a candidate (it carries the
             image into the text stream). None disables the condition.
+        bound: what the held-out check certifies: ``worst-domain`` (default) — the largest per-domain
+            upper bound of KL (and smallest lower bound of top-1), over the domains with at least
+            :data:`MIN_DOMAIN_SAMPLES` held-out samples (the rest pooled as one); ``pooled`` — the bound
+            of the mean over all held-out tokens. Data without domains is one domain either way.
         block_candidates: also propose, at each size, the contiguous block with the smallest angular
             distance across it (Gromov et al.; measured in the first pass) as a candidate set.
         swap_width: after each accepted step, screen replacing the chosen layer that cost most by
@@ -64,6 +75,7 @@ class CertifyPolicy:
     verify_top: int = 2
     screen_fraction: float = 0.25
     max_vision_attention: float | None = 0.5
+    bound: str = "worst-domain"
     block_candidates: bool = True
     swap_width: int = 2
 
@@ -81,6 +93,8 @@ class CertifyPolicy:
             raise InvalidOptionError(f"confidence must be in [0.5, 1), got {self.confidence}")
         if self.probe_width < 1 or self.verify_top < 1:
             raise InvalidOptionError("probe_width and verify_top must be ≥ 1")
+        if self.bound not in BOUNDS:
+            raise InvalidOptionError(f"--bound {self.bound!r} is not one of {', '.join(BOUNDS)}")
         if not 0 < self.screen_fraction <= 1:
             raise InvalidOptionError(f"screen_fraction must be in (0, 1], got {self.screen_fraction}")
 
@@ -112,8 +126,11 @@ class CertifyPolicy:
 
     def admits(self, div: Divergence) -> bool:
         """Whether a measured divergence satisfies the bounds (upper KL bound, lower top-1 bound)."""
-        ok = self.max_kl is None or div.kl.hi <= self.max_kl
-        return ok and (self.min_top1 is None or div.top1.lo >= self.min_top1)
+        return self.admits_bound(div.kl.hi, div.top1.lo)
+
+    def admits_bound(self, kl_hi: float, top1_lo: float) -> bool:
+        """Whether an upper KL bound and a lower top-1 bound satisfy the policy."""
+        return (self.max_kl is None or kl_hi <= self.max_kl) and (self.min_top1 is None or top1_lo >= self.min_top1)
 
 
 @dataclass
@@ -154,8 +171,8 @@ class Certificate:
 
     @property
     def kl_bound(self) -> float:
-        """The certified upper bound on mean KL (nats/token) on the held-out split."""
-        return float(self.holdout["kl"]["hi"])
+        """The certified upper bound on mean KL (nats/token) on the held-out split (worst domain by default)."""
+        return float(self.holdout.get("bound", {}).get("kl_hi", self.holdout["kl"]["hi"]))
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -165,12 +182,16 @@ class Certificate:
     def statement(self) -> str:
         """One sentence a user can read."""
         h = self.holdout
+        bound = h.get("bound", {"kind": "pooled"})
+        worst = (f"; in its worst domain ({bound['domain']}) ≤ {bound['kl_hi']:.4f}, the certified bound"
+                 if bound["kind"] == "worst-domain" else "")
+        longest = f", contexts up to {h['longest_context']} tokens" if h.get("longest_context") else ""
         return (
             f"Removing layers {self.layers} of {self.n_layers}: mean KL(original‖slim) = {h['kl']['mean']:.4f} nats/token, "
             f"≤ {h['kl']['hi']:.4f} with {self.policy['confidence']:.0%} confidence (one-sided bootstrap over "
-            f"{h['kl']['n']} held-out samples, {h['tokens']} tokens); top-1 agreement {h['top1']['mean']:.3f} "
+            f"{h['kl']['n']} held-out samples, {h['tokens']} tokens){worst}; top-1 agreement {h['top1']['mean']:.3f} "
             f"(≥ {h['top1']['lo']:.3f})" + (", measured after healing" if self.healing else "")
-            + ". Holds for data like the held-out split it was measured on."
+            + f". Holds for data like the held-out split it was measured on{longest}."
         )
 
 
@@ -282,11 +303,14 @@ def certify(
                                  reference, steps)
         verdict = do_pass("holdout", holdout, chosen, reference=hold_ref, layer_scores=False)
         div = verdict.divergence
-        emit("verify", {"layers": sorted(chosen), "kl": div.kl.mean, "kl_hi": div.kl.hi, "top1": div.top1.mean,
-                        "healed": healed is not None})
-        if policy.max_kl is None and policy.min_top1 is None or policy.admits(div):
+        figures = holdout_figures(div, [d for b in holdout for d in b.domains], policy, cfg)
+        bound = figures["bound"]
+        emit("verify", {"layers": sorted(chosen), "kl": div.kl.mean, "kl_hi": bound["kl_hi"], "top1": div.top1.mean,
+                        "healed": healed is not None, "bound": bound["kind"], "domain": bound.get("domain")})
+        if policy.max_kl is None and policy.min_top1 is None or policy.admits_bound(bound["kl_hi"], bound["top1_lo"]):
             break
-        log.info("held-out bound failed for %s (KL ≤ %.4f); dropping layer %d", sorted(chosen), div.kl.hi, chosen[-1])
+        log.info("held-out bound failed for %s (%s KL ≤ %.4f); dropping layer %d", sorted(chosen), bound["kind"],
+                 bound["kl_hi"], chosen[-1])
         if healed is not None:
             healed.pop("_result").undo(model)
             healed = None
@@ -300,7 +324,7 @@ def certify(
         order=list(chosen),
         n_layers=n,
         policy={**asdict(policy), "protect_resolved": sorted(protected), "eps": cfg.eps},
-        holdout={**div.as_dict(), "tokens": verdict.tokens["text"], "split": "holdout"},
+        holdout={**div.as_dict(), "tokens": verdict.tokens["text"], "split": "holdout", **figures},
         calibration=current_div.as_dict() if current_div else {},
         passes={**passes, "total": passes["calibration"] + passes["screen"] + passes["holdout"],
                 # forward work over the calibration split, in full-split passes (a screen is a fraction of one)
@@ -313,6 +337,30 @@ def certify(
         seconds=time.perf_counter() - t0,
         healing=healed,
     )
+
+
+def holdout_figures(div: Divergence, domains: Sequence[str | None], policy: CertifyPolicy,
+                    cfg: AnalyzeConfig) -> dict[str, Any]:
+    """Per-domain and per-position figures of a held-out measurement, and the bound the policy certifies.
+
+    ``domains[i]`` is the domain of the pass's sample ``i``. Returns ``{"domains", "positions",
+    "longest_context", "bound"}``; ``bound`` holds ``kind``, ``kl_hi``, ``top1_lo`` (and ``domain``, the
+    worst one, for ``worst-domain``).
+    """
+    import numpy as np
+
+    labels = [d or "unlabeled" for d in domains]
+    counts = {d: labels.count(d) for d in set(labels)}
+    labels = [d if counts[d] >= MIN_DOMAIN_SAMPLES else "other" for d in labels]
+    per_domain = div.by_group(labels, cfg) if len(set(labels)) > 1 else {}
+    bound: dict[str, Any] = {"kind": "pooled", "kl_hi": div.kl.hi, "top1_lo": div.top1.lo}
+    if policy.bound == "worst-domain" and per_domain:
+        worst = max(per_domain, key=lambda d: per_domain[d]["kl"]["hi"])
+        bound = {"kind": "worst-domain", "domain": worst, "kl_hi": per_domain[worst]["kl"]["hi"],
+                 "top1_lo": min(f["top1"]["lo"] for f in per_domain.values())}
+    longest = int(np.max(div.token_pos)) + 1 if div.token_pos is not None and len(div.token_pos) else 0
+    return {"domains": per_domain, "positions": div.by_position(POSITION_EDGES, cfg), "longest_context": longest,
+            "bound": bound}
 
 
 def _screen_subset(batches: Sequence[Any], reference: list[Any], fraction: float) -> tuple[list[Any], list[Any], int]:
@@ -329,7 +377,7 @@ def _screen_subset(batches: Sequence[Any], reference: list[Any], fraction: float
             cut = {k: v[:rows] if hasattr(v, "shape") and v.shape[:1] == (batch.size,) else v for k, v in batch.inputs.items()}
             n_text = int(batch.text_mask[:rows].sum())
             batch = _replace(batch, inputs=cut, text_mask=batch.text_mask[:rows], vision_mask=batch.vision_mask[:rows],
-                             sample_ids=batch.sample_ids[:rows])
+                             sample_ids=batch.sample_ids[:rows], domains=batch.domains[:rows])
             ref = (ref[0][:n_text], ref[1][:n_text])
         out_b.append(batch)
         out_r.append(ref)

@@ -35,7 +35,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from skipit.compressor.loading import LoadedModel, LoadOptions
 from skipit.errors import ExportError, ExportMismatchError, InvalidOptionError, ModelLoadError, TokenizerMismatchError
@@ -357,6 +357,22 @@ def _measure_speed(original: Any, slim: Any, config: GateConfig) -> SpeedResult:
     return measure_speed(runners, baseline="original", **asdict(config.speed))
 
 
+def _context_check(samples: Sequence[Any], processor: Any, config: GateConfig,
+                   manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """The longest evaluation sample (tokens, after ``max_length``) against the longest context the
+    certificate covers; a warning when the data goes beyond it."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    lengths = [min(len(tokenizer(s.text)["input_ids"]), config.parity.max_length) for s in samples]
+    longest = max(lengths, default=0)
+    covered = (((manifest or {}).get("certificate") or {}).get("holdout") or {}).get("longest_context")
+    beyond = sum(n > covered for n in lengths) if covered else 0
+    if beyond:
+        log.warning("%d of %d evaluation samples are longer (up to %d tokens) than the longest context the "
+                    "certificate covers (%d tokens): the certified bound says nothing about those positions",
+                    beyond, len(lengths), longest, covered)
+    return {"longest_tokens": longest, "certified_context": covered, "beyond_certified_context": beyond}
+
+
 def validate(original_path: str | Path, slim_path: str | Path, config: GateConfig = GateConfig(),
              progress: Progress | None = None) -> ValidationReport:
     """Check ``slim_path`` against ``original_path``; see the module docstring. Never raises on a failed
@@ -378,6 +394,7 @@ def validate(original_path: str | Path, slim_path: str | Path, config: GateConfi
     if config.onnx is not None:
         check_onnx_vocabulary(Path(config.onnx), slim)
     samples, data_info = _data(config, manifest, decoder_spec(original.model).is_vlm)
+    data_info.update(_context_check(samples, original.processor, config, manifest))
     emit("stage", {"name": f"checking that {slim_dir}'s tokenizer encodes the data as the original's does"})
     check_same_encoding(original, slim, samples, config)
     emit("stage", {"name": f"parity on the {config.split} split ({len(samples)} samples)"})
