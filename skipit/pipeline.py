@@ -11,6 +11,7 @@ from skipit.compressor.analyze import AnalyzeConfig, run_pass
 from skipit.compressor.arch import decoder_spec
 from skipit.compressor.calibration import DataOptions, encode, load_calibration, read_jsonl
 from skipit.compressor.certify import Certificate, CertifyPolicy, certify
+from skipit.compressor.dtypes import SAVE_DTYPES, cast_weights_, source_dtype
 from skipit.compressor.heal import HealConfig
 from skipit.compressor.loading import LoadedModel, LoadOptions, load_model
 from skipit.compressor.manifest import build_manifest, hub_model_card, model_card, source_card_metadata, write_manifest
@@ -34,6 +35,8 @@ class CompressOptions:
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
     heal: HealConfig | None = None
     heal_data: Path | None = None
+    #: dtype of the saved checkpoint: ``source`` (the input's own; bfloat16 for a quantized GGUF) or a torch name
+    save_dtype: str = "source"
     overwrite: bool = False
     export: tuple[str, ...] = ()
     backend: str = "torch"
@@ -44,6 +47,8 @@ class CompressOptions:
         unknown = set(self.export) - {"onnx", "trt"}
         if unknown:
             raise InvalidOptionError(f"--export {','.join(sorted(unknown))} is not supported; use onnx or onnx,trt")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise InvalidOptionError(f"--save-dtype {self.save_dtype!r} is not one of {', '.join(SAVE_DTYPES)}")
         if self.heal_data is not None and self.heal is None:
             raise InvalidOptionError("--heal-data gives text for healing: add --heal")
         if self.backend != "torch" and "onnx" not in self.export:
@@ -129,17 +134,20 @@ def compress(model_path: str | Path, out_dir: str | Path, options: CompressOptio
         holdout = encode_split(loaded, spec, data, "holdout", options)
         heal_extra = encode_heal_data(loaded, spec, options)
         emit("stage", {"name": "certifying" + (" (with healing)" if options.heal else "")})
+        save_dtype = source_dtype(model_path) if options.save_dtype == "source" else options.save_dtype
         cert = certify(loaded.model, spec, calibration, holdout, options.policy, options.analyze, on_event=emit,
-                       healing=options.heal, heal_extra=heal_extra)
+                       healing=options.heal, heal_extra=heal_extra, measure_dtype=save_dtype)
         cert.data = data.describe()
         emit("stage", {"name": f"removing layers {cert.layers} and saving"})
         config_diff = remove_layers_(loaded.model, spec, cert.layers)
+        cast_weights_(loaded.model, save_dtype)  # the certificate was measured in this dtype (certify)
         tmp = output.staging
         save_checkpoint(loaded.model, loaded.processor, None if loaded.gguf_file else loaded.model_dir, tmp / "model")
         emit("stage", {"name": "reloading the checkpoint in a fresh process"})
         reload_facts = verify_reload(tmp / "model", loaded.model, spec, calibration[0].inputs)
         manifest = build_manifest(
-            source={"path": str(model_path), "gguf_file": loaded.gguf_file, "processor_note": loaded.processor_note},
+            source={"path": str(model_path), "gguf_file": loaded.gguf_file, "processor_note": loaded.processor_note,
+                    "dtype": source_dtype(model_path), "saved_dtype": save_dtype},
             architecture=type(loaded.model).__name__,
             certificate=cert,
             config_diff=config_diff,

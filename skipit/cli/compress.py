@@ -89,6 +89,9 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--heal-method", choices=["full", "lora"], help="full weights (default) or low-rank updates merged back")
     g.add_argument("--heal-slack", type=float,
                    help=f"selection bound before healing, as a multiple of --max-kl (default {HealConfig.select_slack:g})")
+    p.add_argument("--save-dtype", default="source", type=lambda t: t if t == "source" else dtype_arg(t),
+                   help="dtype of the saved checkpoint: source (default: the input's own; bfloat16 for a quantized "
+                        "GGUF), float32, float16, bfloat16; the certificate is measured in it")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT_DIR if it holds an earlier skipit output (never any other folder)")
     p.add_argument("--export", type=lambda t: tuple(x for x in t.split(",") if x), default=(),
@@ -124,6 +127,7 @@ def options_from(args: argparse.Namespace, compress: bool) -> Any:
     return CompressOptions(
         heal=_heal_config(args) if getattr(args, "heal", False) else None,
         heal_data=getattr(args, "heal_data", None),
+        save_dtype=getattr(args, "save_dtype", "source"),
         load=LoadOptions(args.dtype, args.device, args.trust_remote_code, args.allow_pickle),
         data=DataOptions(args.calib, args.calib_limit, args.batch_size, args.max_length),
         policy=policy,

@@ -13,11 +13,13 @@ not, the last-added layer is dropped and the smaller set is verified again.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from skipit.compressor.analyze import AnalyzeConfig, Divergence, PassResult, run_pass
 from skipit.compressor.heal import HealConfig, HealData, heal_
@@ -205,6 +207,7 @@ def certify(
     on_event: Callable[[str, dict[str, Any]], None] | None = None,
     healing: HealConfig | None = None,
     heal_extra: Sequence[Any] = (),
+    measure_dtype: str | None = None,
 ) -> Certificate:
     """Choose and verify a set of layers to remove (see the module docstring).
 
@@ -216,6 +219,10 @@ def certify(
     set tried on the held-out split is first healed (:func:`~skipit.compressor.heal.heal_`) on the
     calibration split plus ``heal_extra`` batches, and the bound itself is checked on the healed
     model. The model keeps the healed weights of the certified set (a failed set's are undone).
+
+    With ``measure_dtype`` (the dtype the slim model will be saved in, when it differs from the
+    model's), every held-out check runs on a copy cast to it: the certificate is the saved model's.
+    The cast's own share (KL of the cast original, nothing removed) is recorded as ``holdout["cast"]``.
     """
     t0 = time.perf_counter()
     emit = on_event or (lambda kind, info: None)
@@ -228,11 +235,13 @@ def certify(
     select_slack = healing.select_slack if healing else 1.0
     select = policy.loosened(select_slack)
 
-    def do_pass(split: str, batches: Sequence[Any], removed: list[int], **kw: Any) -> PassResult:
+    def do_pass(split: str, batches: Sequence[Any], removed: list[int], on: tuple[Any, Any] | None = None,
+                **kw: Any) -> PassResult:
         passes[split] += 1
         emit("pass_start", {"split": split, "removed": list(removed), "samples": sum(b.size for b in batches)})
-        with spec.skipping(removed):
-            return run_pass(model, spec, batches, config=cfg, on_batch=lambda k: emit("batch", {"n": k}), **kw)
+        m, sp = on or (model, spec)
+        with sp.skipping(removed):
+            return run_pass(m, sp, batches, config=cfg, on_batch=lambda k: emit("batch", {"n": k}), **kw)
 
     base = do_pass("calibration", calibration, [], keep_reference=True, block_span=budget if policy.block_candidates else 0)
     reference = base.reference
@@ -297,11 +306,17 @@ def certify(
     hold_ref = do_pass("holdout", holdout, [], keep_reference=True, layer_scores=False).reference
     heal_data = _heal_data(model, spec, calibration, reference, heal_extra, cfg) if healing else None
     healed: dict[str, Any] | None = None
+    cast: dict[str, Any] | None = None
+    with _cast_twin(model, spec, measure_dtype) as twin:
+        if twin is not None:
+            cast = {"dtype": measure_dtype, **do_pass("holdout", holdout, [], on=twin, reference=hold_ref,
+                                                      layer_scores=False).divergence.as_dict()}
     while chosen:
         if heal_data is not None:
             healed = _healed_try(do_pass, emit, model, spec, chosen, heal_data, healing, hold_ref, holdout, calibration,
                                  reference, steps)
-        verdict = do_pass("holdout", holdout, chosen, reference=hold_ref, layer_scores=False)
+        with _cast_twin(model, spec, measure_dtype) as twin:  # after healing: the copy holds the healed weights
+            verdict = do_pass("holdout", holdout, chosen, on=twin, reference=hold_ref, layer_scores=False)
         div = verdict.divergence
         figures = holdout_figures(div, [d for b in holdout for d in b.domains], policy, cfg)
         bound = figures["bound"]
@@ -324,7 +339,8 @@ def certify(
         order=list(chosen),
         n_layers=n,
         policy={**asdict(policy), "protect_resolved": sorted(protected), "eps": cfg.eps},
-        holdout={**div.as_dict(), "tokens": verdict.tokens["text"], "split": "holdout", **figures},
+        holdout={**div.as_dict(), "tokens": verdict.tokens["text"], "split": "holdout", **figures,
+                 "dtype": measure_dtype or str(next(model.parameters()).dtype).removeprefix("torch."), "cast": cast},
         calibration=current_div.as_dict() if current_div else {},
         passes={**passes, "total": passes["calibration"] + passes["screen"] + passes["holdout"],
                 # forward work over the calibration split, in full-split passes (a screen is a fraction of one)
@@ -337,6 +353,24 @@ def certify(
         seconds=time.perf_counter() - t0,
         healing=healed,
     )
+
+
+@contextlib.contextmanager
+def _cast_twin(model: Any, spec: Any, dtype: str | None) -> Iterator[tuple[Any, Any] | None]:
+    """A copy of ``model`` cast to ``dtype`` with its own spec, or None when it is in that dtype already."""
+    import torch
+
+    from skipit.compressor.arch import decoder_spec
+    from skipit.compressor.dtypes import cast_weights_
+
+    if dtype is None or getattr(torch, dtype) == next(model.parameters()).dtype:
+        yield None
+        return
+    twin = cast_weights_(copy.deepcopy(model), dtype)
+    try:
+        yield twin, decoder_spec(twin)
+    finally:
+        del twin
 
 
 def holdout_figures(div: Divergence, domains: Sequence[str | None], policy: CertifyPolicy,

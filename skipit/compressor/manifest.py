@@ -86,6 +86,7 @@ def _facts_table(manifest: dict[str, Any]) -> str:
 |---|---|
 | source | `{src['path']}` ({manifest['architecture']}) |
 | decoder layers | {layers['original']} → {layers['slim']} |
+| weights | {src.get('saved_dtype', 'float32')} (source: {src.get('dtype', 'unknown')}); the certificate below was measured in this dtype |
 | removed (original numbering) | {', '.join(map(str, layers['removed']))} |
 | requested KL bound | {bound} |
 | held-out mean KL(original‖slim) | {hold['kl']['mean']:.4f} nats/token (≤ {hold['kl']['hi']:.4f} at {policy['confidence']:.0%} confidence) |
