@@ -16,6 +16,7 @@ from skipit.compressor.heal import HealConfig
 from skipit.compressor.loading import LoadedModel, LoadOptions, load_model
 from skipit.compressor.manifest import build_manifest, hub_model_card, model_card, source_card_metadata, write_manifest
 from skipit.compressor.rewrite import remove_layers_, save_checkpoint, verify_reload
+from skipit import extras
 from skipit.atomic import OutputDir, write_atomic
 from skipit.errors import InvalidOptionError, ModelLoadError
 from skipit.validators.report import write_report
@@ -127,6 +128,7 @@ def compress(model_path: str | Path, out_dir: str | Path, options: CompressOptio
     gguf = model_path.is_file() and model_path.suffix == ".gguf"
     stages = _Stages(progress, 5 + gguf + ("onnx" in options.export) + ("trt" in options.export) + options.validate)
     emit = stages.emit
+    extras.require(*extras.for_compress(model_path, options))
     with output_dir(out_dir, model_path, options) as output:
         emit("stage", {"name": f"loading {model_path}"})
         loaded, spec, data = prepare(model_path, options)

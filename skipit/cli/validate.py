@@ -87,6 +87,9 @@ def validate_command(args: argparse.Namespace) -> int:
         from skipit.atomic import write_atomic
         from skipit.validators.gate import validate
 
+        from skipit import extras
+
+        extras.require(*extras.for_model(args.original), *(["onnx"] if args.onnx else []))
         report = validate(args.original, args.slim, gate_config(args), progress=progress)
         if args.json is not None:
             write_atomic(args.json, json.dumps(report.as_dict(), indent=2))
