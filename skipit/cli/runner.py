@@ -74,8 +74,11 @@ def sigterm_cleans_up() -> Iterator[None]:
 
 def quiet_libraries(verbose: bool) -> None:
     """No tqdm bars or info chatter from transformers / huggingface_hub between skipit's own lines."""
+    import os
+
     import transformers
 
+    os.environ.setdefault("TQDM_DISABLE", "1")  # raw tqdm bars, e.g. transformers' GGUF dequantization
     transformers.utils.logging.disable_progress_bar()
     if not verbose:
         transformers.utils.logging.set_verbosity_error()
