@@ -76,9 +76,10 @@ def quiet_libraries(verbose: bool) -> None:
     """No tqdm bars or info chatter from transformers / huggingface_hub between skipit's own lines."""
     import os
 
+    if not verbose:  # raw tqdm bars (transformers' GGUF dequantization); tqdm reads this when first imported
+        os.environ.setdefault("TQDM_DISABLE", "1")
     import transformers
 
-    os.environ.setdefault("TQDM_DISABLE", "1")  # raw tqdm bars, e.g. transformers' GGUF dequantization
     transformers.utils.logging.disable_progress_bar()
     if not verbose:
         transformers.utils.logging.set_verbosity_error()
