@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterator, Sequence
 
 from skipit.compressor.analyze import AnalyzeConfig, Divergence, PassResult, run_pass
-from skipit.compressor.heal import HealConfig, HealData, heal_
+from skipit.compressor.heal import HealConfig, HealData, build_heal_data, heal_
 from skipit.errors import InvalidOptionError, NothingToRemoveError
 
 log = logging.getLogger(__name__)
@@ -304,7 +304,7 @@ def certify(
         raise NothingToRemoveError(_nothing_message(policy, steps, slack=select_slack))
 
     hold_ref = do_pass("holdout", holdout, [], keep_reference=True, layer_scores=False).reference
-    heal_data = _heal_data(model, spec, calibration, reference, heal_extra, cfg) if healing else None
+    heal_data = build_heal_data(model, spec, calibration, reference, heal_extra, cfg) if healing else None
     healed: dict[str, Any] | None = None
     cast: dict[str, Any] | None = None
     with _cast_twin(model, spec, measure_dtype) as twin:
@@ -454,18 +454,6 @@ def _try_swap(policy: CertifyPolicy, select: CertifyPolicy, do_pass: Callable[..
         return current, div, chosen
     cost[u] = cost.pop(worst) + tdiv.kl.mean - div.kl.mean
     return trial, tdiv, swapped[u]
-
-
-def _heal_data(model: Any, spec: Any, calibration: Sequence[Any], reference: list[Any], extra: Sequence[Any],
-               cfg: AnalyzeConfig) -> HealData:
-    """Healing batches with the original's log-probs: the calibration split's (already measured) + ``extra``."""
-    batches, teacher, sources = list(calibration), list(reference), ["calibration"] * len(calibration)
-    if extra:
-        extra_ref = run_pass(model, spec, extra, config=cfg, keep_reference=True, layer_scores=False).reference
-        batches += list(extra)
-        teacher += extra_ref
-        sources += ["heal_data"] * len(extra)
-    return HealData(batches, teacher, sources)
 
 
 def _healed_try(do_pass: Callable[..., PassResult], emit: Callable[[str, dict[str, Any]], None], model: Any, spec: Any,
