@@ -18,7 +18,7 @@ import copy
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Iterator, Sequence
 
 from skipit.compressor.analyze import AnalyzeConfig, Divergence, PassResult, run_pass
@@ -176,10 +176,26 @@ class Certificate:
         """The certified upper bound on mean KL (nats/token) on the held-out split (worst domain by default)."""
         return float(self.holdout.get("bound", {}).get("kl_hi", self.holdout["kl"]["hi"]))
 
+    FORMAT = "skipit-certificate/1"
+
     def as_dict(self) -> dict[str, Any]:
-        out = asdict(self)
+        """JSON-able record with its format version; :meth:`from_dict` reads it back."""
+        out = {"format": self.FORMAT, **asdict(self)}
         out["statement"] = self.statement()
         return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Certificate":
+        """The certificate :meth:`as_dict` wrote (JSON keys of ``combined_scores`` turned back into ints)."""
+        fmt = data.get("format", cls.FORMAT)
+        if fmt != cls.FORMAT:
+            raise InvalidOptionError(f"certificate format {fmt!r} is not {cls.FORMAT!r}; rerun skipit-compress "
+                                     "with this skipit version")
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in data.items() if k in names}
+        kw["steps"] = [Step(**s) for s in data.get("steps", [])]
+        kw["combined_scores"] = {int(k): v for k, v in data.get("combined_scores", {}).items()}
+        return cls(**kw)
 
     def statement(self) -> str:
         """One sentence a user can read."""
@@ -338,7 +354,7 @@ def certify(
         layers=sorted(chosen),
         order=list(chosen),
         n_layers=n,
-        policy={**asdict(policy), "protect_resolved": sorted(protected), "eps": cfg.eps},
+        policy={**asdict(policy), "protect": list(policy.protect), "protect_resolved": sorted(protected), "eps": cfg.eps},
         holdout={**div.as_dict(), "tokens": verdict.tokens["text"], "split": "holdout", **figures,
                  "dtype": measure_dtype or str(next(model.parameters()).dtype).removeprefix("torch."), "cast": cast},
         calibration=current_div.as_dict() if current_div else {},
