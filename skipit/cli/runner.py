@@ -158,7 +158,10 @@ class Progress:
 
 def _report_error(args: argparse.Namespace, console: Any, code: int, kind: str, message: str) -> int:
     """One line on stderr; with ``--json`` also a JSON error object (stdout, or the ``--json`` file)."""
-    console.print(f"[bold red]{kind}:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    # escaped: messages hold brackets that are not markup ("pip install 'skipit[gguf]'", "layers [2, 3]")
+    console.print(f"[bold red]{kind}:[/] {escape(message)}", highlight=False, soft_wrap=True)
     target = getattr(args, "json", None)
     if target:
         payload = json.dumps({"error": {"exit_code": int(code), "kind": kind, "message": message}})
