@@ -143,3 +143,19 @@ def test_only_what_skipit_loads_is_downloaded() -> None:
                      "model-00002-of-00002.safetensors", "model.safetensors.index.json", "tokenizer.json",
                      "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "README.md", "LICENSE"}
     assert fetched(CHECKPOINT_PATTERNS + PICKLE_PATTERNS) - plain == {"pytorch_model.bin", "pytorch_model.bin.index.json"}
+
+
+def test_validate_takes_a_hub_id_as_the_original(hub_cache: Path, tiny_model_dir, tmp_path: Path) -> None:
+    import json
+
+    from skipit.cli import main as skipit_main
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"Sample {i}: a short line of plain text."}) for i in range(8)))
+    out = tmp_path / "gate.json"
+    code = skipit_main(["validate", REPO_ID, str(tiny_model_dir("LlamaForCausalLM")), "--cache-dir", str(hub_cache),
+                        "--revision", "main", "--data", str(data), "--new-tokens", "0", "--max-kl", "1e-3",
+                        "--json", str(out)])
+    assert code == 0 and json.loads(out.read_text())["original"] == REPO_ID
+    assert skipit_main(["validate", "skipit-test/absent", str(tiny_model_dir("LlamaForCausalLM")),
+                        "--cache-dir", str(hub_cache)]) == 2

@@ -25,7 +25,7 @@ def add_validate_parser(subparsers: Any) -> argparse.ArgumentParser:
         "validate", help="check a slim model against the original (CI gate)",
         description="Compare a slim model with the original on held-out data and check bounds.",
         epilog=VALIDATE_EXAMPLES + "\n" + EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("original", type=Path, help="original model directory or .gguf file")
+    p.add_argument("original", help="original model: directory, .gguf file or Hub id (org/name, org/name/file.gguf)")
     p.add_argument("slim", type=Path, help="slim model directory (skipit's OUT_DIR or OUT_DIR/model)")
     p.add_argument("--data", type=Path, help="JSONL evaluation data (default: the data in the slim model's "
                    "skipit_manifest.json, else built-in)")
@@ -54,6 +54,8 @@ def add_validate_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--seq-lens", default="32,128,256", help="prefill lengths for --min-speedup (default 32,128,256)")
     g.add_argument("--repeats", type=int, default=5, help="timed repeats per runner (default 5)")
     g = p.add_argument_group("model loading")
+    g.add_argument("--revision", help="branch, tag or commit of an original given as a Hub id (default: main)")
+    g.add_argument("--cache-dir", type=Path, help="Hugging Face cache for Hub ids (default: $HF_HOME/hub)")
     g.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 … (default: cpu)")
     g.add_argument("--dtype", default="float32", type=dtype_arg, help="float32 (default), float16, bfloat16 or auto")
     g.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model dirs")
@@ -98,6 +100,7 @@ def gate_config(args: argparse.Namespace) -> Any:
         backend=BackendParityConfig(atol=args.onnx_atol, device="cuda" if args.device.startswith("cuda") else "cpu"),
         speed=SpeedConfig(seq_lens=seq_lens, repeats=args.repeats),
         load=LoadOptions(args.dtype, args.device, args.trust_remote_code, args.allow_pickle), lm_eval=lm_eval,
+        revision=args.revision, cache_dir=args.cache_dir,
     )
 
 

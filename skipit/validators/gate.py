@@ -72,6 +72,7 @@ class GateConfig:
         onnx: exported ONNX model (directory or file) to compare with the slim torch model.
         conservative: compare the conservative end of each interval with its bound (default), not the mean.
         lm_eval: lm-eval tasks to run on both models (and ``max_acc_drop``, their bound); None: none.
+        revision / cache_dir: for an original given as a Hub id (:func:`~skipit.compressor.hub.resolve_model`).
     """
 
     data: Path | None = None
@@ -87,6 +88,8 @@ class GateConfig:
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     load: LoadOptions = field(default_factory=LoadOptions)
     lm_eval: LmEvalConfig | None = None
+    revision: str | None = None
+    cache_dir: Path | None = None
 
     def __post_init__(self) -> None:
         from skipit.compressor.calibration import SPLITS
@@ -382,6 +385,7 @@ def validate(original_path: str | Path, slim_path: str | Path, config: GateConfi
     """Check ``slim_path`` against ``original_path``; see the module docstring. Never raises on a failed
     check (that is ``report.exit_code``); raises :class:`~skipit.errors.SkipitError` on bad input."""
     from skipit.compressor.arch import decoder_spec
+    from skipit.compressor.hub import resolve_model
     from skipit.compressor.loading import load_model
     from skipit.compressor.manifest import read_manifest
     from skipit.validators.backend import backend_parity
@@ -399,7 +403,9 @@ def validate(original_path: str | Path, slim_path: str | Path, config: GateConfi
     removed = (manifest or {}).get("layers", {}).get("removed")
     certified = ((manifest or {}).get("thresholds") or {}).get("max_kl")
     emit("stage", {"name": f"loading {original_path} and {slim_dir}"})
-    original, slim = load_model(original_path, config.load), load_model(slim_dir, config.load)
+    source = resolve_model(original_path, revision=config.revision, cache_dir=config.cache_dir,
+                           allow_pickle=config.load.allow_pickle, trust_remote_code=config.load.trust_remote_code)
+    original, slim = load_model(source.path, config.load), load_model(slim_dir, config.load)
     check_same_vocabulary(original, slim)
     if config.onnx is not None:
         check_onnx_vocabulary(Path(config.onnx), slim)
