@@ -35,6 +35,7 @@ import numpy as np
 
 from skipit.compressor.stats import Estimate, bootstrap_ratio
 from skipit.errors import BackendUnavailableError, InvalidOptionError, SkipitError
+from skipit.validators.tasks import TASKS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +43,6 @@ PIP_LINE = "pip install 'skipit[eval]'"
 #: metrics tried in this order when the config names none that a task reports per item
 FALLBACK_METRICS = ("acc", "exact_match", "acc_norm")
 Event = Callable[[str, dict[str, Any]], None]
-
-
-def _tasks_dir() -> Path:
-    from skipit.validators.tasks import TASKS_DIR
-
-    return TASKS_DIR
 
 
 #: names of the tasks skipit ships (one folder each under ``skipit/validators/tasks/``)
@@ -173,7 +168,7 @@ def select_tasks(tasks: Sequence[str]) -> TaskSelection:
             if task not in BUILTIN_TASKS:
                 defaults = True
             specs.append(task)
-    return TaskSelection(tuple(dict.fromkeys(specs)), (_tasks_dir(), *folders), defaults)
+    return TaskSelection(tuple(dict.fromkeys(specs)), (TASKS_DIR, *folders), defaults)
 
 
 @dataclass
@@ -222,7 +217,7 @@ def prepare_tasks(config: LmEvalConfig) -> PreparedTasks:
             hub = "" if Path(name).exists() or name in BUILTIN_TASKS else (
                 "; lm-eval's tasks download their data sets from the Hugging Face Hub: run once with network access "
                 "(and HF_DATASETS_OFFLINE unset) to cache them, or use a local task YAML "
-                f"(like {_tasks_dir() / BUILTIN_TASKS[0]})")
+                f"(like {TASKS_DIR / BUILTIN_TASKS[0]})")
             raise LmEvalTaskError(f"lm-eval could not load task {name!r}: {type(exc).__name__}: "
                                   f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}{hub}") from None
     log.info("lm-eval %s: tasks %s ready in %.1f s", version, ", ".join(names), time.perf_counter() - t0)
