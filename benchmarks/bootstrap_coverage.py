@@ -15,7 +15,24 @@ experiment) and, as a check, without replacement (distinct texts, as a real spli
 
     python benchmarks/bootstrap_coverage.py [--reps 2000] [--n 20 30 50] [--sets 13 12,13] [--cache kl.json]
 
-The forward passes (~5 min on one CPU thread) are cached in ``--cache``; the coverage part takes a few minutes.
+The forward passes (~5 min on one CPU thread) are cached in ``--cache``; the coverage part takes ~15 min.
+Needs scipy (``pip install scipy``), which skipit itself does not use.
+
+Measured (November 2026, 2000 subsets per cell, 1000 draws per bound, Monte-Carlo SE ≈ 0.005–0.010;
+coverage percentile / BCa at n = 20, 30, 50, 106, i.i.d. subsets):
+
+==============================  ===========================  ===========================
+population                      layer 13 removed (KL 0.230)  layers 12, 13 (KL 0.422)
+==============================  ===========================  ===========================
+all 213 held-out texts          .781/.797 .752/.764          .835/.854 .832/.849
+                                .740/.747 .742/.749          .836/.851 .851/.866
+less the 2 licence texts        .925/.934 .931/.938          .913/.923 .917/.929
+                                .932/.941 .941/.944          .923/.937 .934/.945
+==============================  ===========================  ===========================
+
+BCa covers better in every cell, by 0.3–2.6 points, with bounds 0.1–4 % higher; neither method comes
+near 0.95 on the whole population, whose two licence paragraphs (KL 1.2–1.8 nats/token against a
+median of 0.22) are missed by most subsets: no resampling method can bound what the sample lacks.
 """
 
 from __future__ import annotations
