@@ -156,7 +156,8 @@ def _snapshot(repo_id: str, revision: str | None, cache_dir: Path | None, patter
             why = f"the Hub could not be reached and {repo_id} is not (completely) in the cache {cache}"
             fix = f"check the network (or HF_ENDPOINT) and try again, or {download}"
         incomplete = " (the cached snapshot is incomplete)" if type(exc).__name__ == "IncompleteSnapshotError" else ""
-        raise ModelLoadError(f"cannot get {repo_id}: {why}{incomplete}; {fix}") from None
+        raise ModelLoadError(f"{repo_id} is no local path, and as a Hub id it cannot be fetched: {why}{incomplete}; "
+                             f"{fix}") from None
     except (hub.HfHubHTTPError, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot get {repo_id} from the Hub: {first}") from None
