@@ -167,6 +167,7 @@ def _report_error(args: argparse.Namespace, console: Any, code: int, kind: str, 
     """One line on stderr; with ``--json`` also a JSON error object (stdout, or the ``--json`` file)."""
     from rich.markup import escape
 
+    # escaped: messages hold brackets that are not markup ("pip install 'skipit[gguf]'", "layers [2, 3]")
     console.print(f"[bold red]{kind}:[/] {escape(message)}", highlight=False, soft_wrap=True)
     target = getattr(args, "json", None)
     if target:
