@@ -159,3 +159,19 @@ def test_validate_takes_a_hub_id_as_the_original(hub_cache: Path, tiny_model_dir
     assert code == 0 and json.loads(out.read_text())["original"] == REPO_ID
     assert skipit_main(["validate", "skipit-test/absent", str(tiny_model_dir("LlamaForCausalLM")),
                         "--cache-dir", str(hub_cache)]) == 2
+
+
+def test_compress_takes_a_hub_id_and_records_it(hub_cache: Path, tmp_path: Path) -> None:
+    """skipit-compress org/name OUT: the repo from the cache; repo id and commit in the manifest, base_model in the card."""
+    import json
+
+    from skipit.cli import main
+
+    out = tmp_path / "out"
+    code = main(["compress", REPO_ID, str(out), "--cache-dir", str(hub_cache), "--max-layers", "1", "--calib-limit", "12",
+                 "--max-length", "24", "--batch-size", "4", "--probe-width", "1"])
+    assert code == 0
+    source = json.loads((out / "skipit_manifest.json").read_text())["source"]
+    assert source["repo_id"] == REPO_ID and source["commit"] == COMMIT and COMMIT in source["path"]
+    card = (out / "model" / "README.md").read_text()
+    assert f"base_model: {REPO_ID}" in card
