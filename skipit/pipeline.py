@@ -170,7 +170,10 @@ def compress(model_path: str | Path, out_dir: str | Path, options: CompressOptio
             analyze_config=asdict(options.analyze),
             reload_check=reload_facts,
         )
-        if loaded.gguf_file:
+        if loaded.gguf_file and cert.healing:  # the source's bytes would carry the unhealed weights
+            log.warning("model.gguf not written: healed layers would need re-quantization (model/ holds the healed model)")
+            manifest["gguf"] = {"skipped": "healed layers are not re-quantized into the GGUF yet"}
+        elif loaded.gguf_file:
             manifest["gguf"] = _export_gguf(loaded.model_dir / loaded.gguf_file, cert.layers, tmp, emit)
         write_manifest(tmp, manifest)
         write_atomic(tmp / "README.md", model_card(manifest))
