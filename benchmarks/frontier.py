@@ -129,6 +129,66 @@ def healed(model, spec, removed, heal_data, config, batches_refs) -> tuple[list[
         result.undo(model)
 
 
+def joined_texts(processor, records, tokens: int) -> list[dict]:
+    """Consecutive built-in paragraphs of one domain joined until each text holds ``tokens`` tokens."""
+    tok = getattr(processor, "tokenizer", processor)
+    out, current, domain = [], [], None
+    for r in records:
+        if r.get("domain") != domain:
+            current, domain = [], r.get("domain")
+        current.append(r["text"])
+        if len(tok(" ".join(current))["input_ids"]) >= tokens:
+            out.append({"text": " ".join(current), "domain": domain})
+            current = []
+    return out
+
+
+def small_file_case(model, spec, processor, k: int, n_file: int, batch_size: int) -> list[dict]:
+    """A user's small file: ``n_file`` texts of ≥ 256 tokens. skipit with its defaults (split, screening and
+    length chosen from the file) vs exhaustive greedy (SLEB) on the whole file; both measured on other
+    texts of the same kind (the remaining built-in paragraphs, joined the same way)."""
+    import random
+    import tempfile
+
+    from skipit.compressor import builtin
+    from skipit.compressor.calibration import DataOptions, read_jsonl
+
+    texts = joined_texts(processor, builtin.prose_records(), 256)
+    random.Random(0).shuffle(texts)
+    file_texts, other = texts[:n_file], texts[n_file:]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "small.jsonl"
+        path.write_text("".join(json.dumps(t) + "\n" for t in file_texts))
+        data = load_calibration(path)
+        whole = encode(read_jsonl(path), processor, spec, batch_size=batch_size, max_length=DataOptions.max_length)
+    d = DataOptions()
+    cal, hold = (encode(data.split(s), processor, spec, batch_size=d.batch_size, max_length=d.max_length)
+                 for s in ("calibration", "holdout"))
+    ev = encode([s for s in read_jsonl_texts(other)], processor, spec, batch_size=batch_size, max_length=d.max_length)
+    ev_ref = run_pass(model, spec, ev, keep_reference=True, layer_scores=False).reference
+    counter = PassCounter(sum(b.size for b in cal))
+    cert = certify(model, spec, cal, hold, CertifyPolicy(max_kl=None, max_layers=k, bound="pooled"), on_event=counter)
+    whole_ref = run_pass(model, spec, whole, keep_reference=True, layer_scores=False).reference
+    greedy, _ = sleb(model, spec, whole, whole_ref, k, {0, spec.num_layers - 1})
+    rows = []
+    for name, sets in (("skipit", sets_by_size(cert)), ("greedy on the file", greedy)):
+        for removed in sets:
+            rows.append({"case": "small-file", "method": name, "k": len(removed), "layers": removed,
+                         **measure(model, spec, ev, ev_ref, removed)})
+    print(f"small file ({n_file} texts of ≥ 256 tokens; splits {data.describe()['split_sizes']}; "
+          f"screen {cert.passes['screen_samples']} of {cert.passes['calibration_samples']} samples), "
+          f"KL on {len(other)} other texts:")
+    for r in rows:
+        print(f"  {r['method']:>20} k={r['k']} {r['layers']}: KL {r['kl']:.3f} top1 {r['top1']:.3f}")
+    return rows
+
+
+def read_jsonl_texts(records: list[dict]) -> list:
+    from skipit.compressor.calibration import Sample
+
+    return [Sample(r["text"], domain=r.get("domain")) for r in records]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--k", type=int, default=8)
@@ -142,6 +202,8 @@ def main() -> None:
                         "healed (skipit+heal, sleb+heal columns), e.g. 4,8")
     parser.add_argument("--heal-steps", type=int, default=None)
     parser.add_argument("--heal-method", default="full", choices=["full", "lora"])
+    parser.add_argument("--small-file", type=int, default=0, metavar="N",
+                        help="also the small-file case: N texts of ≥ 256 tokens as --calib (e.g. 32), k ≤ 4")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -202,12 +264,17 @@ def main() -> None:
                 (h, te), secs = healed(model, spec, r["layers"], heal_data, config, [(hold, hold_ref), (test, test_ref)])
                 rows.append({**r, "method": f"{name}+heal", **h, "ppl": math.exp(h["nll"]),
                              "test_ppl_ratio": math.exp(te["nll"] - base_nll["test"]), "heal_seconds": round(secs, 1)})
-    names = list(dict.fromkeys(r["method"] for r in rows))
+    if args.small_file:
+        rows += small_file_case(model, spec, loaded.processor, min(args.k, 4), args.small_file, args.batch_size)
+        rows_main = [r for r in rows if r.get("case") != "small-file"]
+    else:
+        rows_main = rows
+    names = list(dict.fromkeys(r["method"] for r in rows_main))
     print(f"{'k':>2} " + " ".join(f"{m:>34}" for m in names))
     for k in range(1, args.k + 1):
         cells = []
         for m in names:
-            r = next((r for r in rows if r["method"] == m and r["k"] == k), None)
+            r = next((r for r in rows_main if r["method"] == m and r["k"] == k), None)
             cells.append(f"{'-':>34}" if r is None else
                          f"KL {r['kl']:.3f} top1 {r['top1']:.3f} ×ppl {r['test_ppl_ratio']:4.2f} p{r['passes']:5.1f}")
         print(f"{k:>2} " + " ".join(cells))
