@@ -209,10 +209,19 @@ def _version() -> str:
         return "gguf"
 
 
+def writable_type(name: str, gguf: Any) -> Any:
+    """The GGML type called ``name`` (``"Q8_0"``, ``"f16"`` …), if ``gguf.quants.quantize`` writes it; else ExportError."""
+    t = getattr(gguf.GGMLQuantizationType, str(name).upper(), None)
+    writable = sorted(q.name for q in gguf.GGMLQuantizationType if can_quantize(int(q)))
+    if t is None or not can_quantize(int(t)):
+        raise ExportError(f"cannot write trained tensors as {name!r}: {_version()} writes {', '.join(writable)}")
+    return t
+
+
 def dequantize(data: np.ndarray, qtype: Any, gguf: Any) -> np.ndarray:
     """A tensor's values as float32 in GGUF's numpy layout."""
     return np.asarray(gguf.quants.dequantize(np.asarray(data), gguf.GGMLQuantizationType(qtype)), dtype=np.float32)
 
 
 __all__ = ["SUPPORTED", "ArchTensors", "arch_tensors", "can_quantize", "dequantize", "gguf_name_map", "hf_block",
-           "permute_qk", "requantize", "unpermute_qk"]
+           "permute_qk", "requantize", "unpermute_qk", "writable_type"]
