@@ -9,40 +9,21 @@ from typing import Any, Callable
 
 from skipit.compressor.analyze import AnalyzeConfig, run_pass
 from skipit.compressor.arch import decoder_spec
-from skipit.compressor.calibration import encode, load_calibration, read_jsonl
+from skipit.compressor.calibration import DataOptions, encode, load_calibration, read_jsonl
 from skipit.compressor.certify import Certificate, CertifyPolicy, certify
+from skipit.compressor.dtypes import SAVE_DTYPES, cast_weights_, source_dtype
 from skipit.compressor.heal import HealConfig
 from skipit.compressor.loading import LoadedModel, LoadOptions, load_model
 from skipit.compressor.manifest import build_manifest, hub_model_card, model_card, source_card_metadata, write_manifest
 from skipit.compressor.rewrite import remove_layers_, save_checkpoint, verify_reload
+from skipit import extras
 from skipit.atomic import OutputDir, write_atomic
-from skipit.errors import InvalidOptionError, ModelLoadError
+from skipit.errors import InvalidOptionError
 from skipit.report import write_report
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, dict[str, Any]], None]
-
-
-@dataclass(frozen=True)
-class DataOptions:
-    """Which calibration data, and how it is encoded."""
-
-    path: Path | None = None
-    limit: int | None = None
-    batch_size: int = 8
-    max_length: int = 128
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.limit is not None and self.limit < 6:
-            raise InvalidOptionError(f"--calib-limit must be ≥ 6 (calibration, holdout and test splits each need "
-                                     f"samples), got {self.limit}")
-        if self.batch_size < 1:
-            raise InvalidOptionError(f"--batch-size must be ≥ 1, got {self.batch_size}")
-        if self.max_length < 2:
-            raise InvalidOptionError(f"--max-length must be ≥ 2 tokens (a next-token prediction needs two), "
-                                     f"got {self.max_length}")
 
 
 @dataclass(frozen=True)
@@ -55,6 +36,11 @@ class CompressOptions:
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
     heal: HealConfig | None = None
     heal_data: Path | None = None
+    #: dtype of the saved checkpoint: ``source`` (the input's own; bfloat16 for a quantized GGUF) or a torch name
+    save_dtype: str = "source"
+    #: a Hub id as MODEL: the revision (branch, tag or commit) and the cache folder (default: HF_HOME's)
+    revision: str | None = None
+    cache_dir: Path | None = None
     overwrite: bool = False
     export: tuple[str, ...] = ()
     backend: str = "torch"
@@ -65,6 +51,8 @@ class CompressOptions:
         unknown = set(self.export) - {"onnx", "trt"}
         if unknown:
             raise InvalidOptionError(f"--export {','.join(sorted(unknown))} is not supported; use onnx or onnx,trt")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise InvalidOptionError(f"--save-dtype {self.save_dtype!r} is not one of {', '.join(SAVE_DTYPES)}")
         if self.heal_data is not None and self.heal is None:
             raise InvalidOptionError("--heal-data gives text for healing: add --heal")
         if self.backend != "torch" and "onnx" not in self.export:
@@ -85,15 +73,22 @@ class CompressResult:
         return 0 if self.validation is None else self.validation.exit_code
 
 
-def output_dir(out_dir: Path, source: Path, options: CompressOptions) -> OutputDir:
+def resolve_source(model: str | Path, options: CompressOptions) -> Any:
+    """MODEL → a :class:`~skipit.compressor.hub.ResolvedModel`: a local path, or a Hub id from the HF cache
+    (downloaded unless ``HF_HUB_OFFLINE``; ``options.revision`` / ``options.cache_dir``)."""
+    from skipit.compressor.hub import resolve_model
+
+    return resolve_model(str(model), revision=options.revision, cache_dir=options.cache_dir,
+                         allow_pickle=options.load.allow_pickle, trust_remote_code=options.load.trust_remote_code)
+
+
+def output_dir(out_dir: Path, source: Path | None, options: CompressOptions) -> OutputDir:
     """The guarded output folder of a run (:class:`skipit.atomic.OutputDir`; entering it checks and locks).
 
     ``out_dir`` may not overlap the model, nor be or hold a data file (calibration, healing) or its folder.
     """
-    if not source.exists():
-        raise ModelLoadError(f"{source} does not exist; give a model directory (config.json + *.safetensors) or a .gguf file")
     data_files = [p for p in (options.data.path, options.heal_data) if p is not None]
-    return OutputDir(out_dir, overwrite=options.overwrite, inputs=[source],
+    return OutputDir(out_dir, overwrite=options.overwrite, inputs=[source] if source else [],
                      protect=data_files + [p.parent for p in data_files])
 
 
@@ -135,32 +130,39 @@ def compress(model_path: str | Path, out_dir: str | Path, options: CompressOptio
     into place at the end; an existing folder is replaced only with ``overwrite`` and only if skipit
     wrote it. Paths are recorded resolved.
     """
-    model_path, out_dir = Path(model_path).resolve(), Path(out_dir)
+    out_dir = Path(out_dir)
+    local = Path(model_path).expanduser()
     if options.data.path is not None:
         options = replace(options, data=replace(options.data, path=Path(options.data.path).resolve()))
     if options.heal_data is not None:
         options = replace(options, heal_data=Path(options.heal_data).resolve())
-    gguf = model_path.is_file() and model_path.suffix == ".gguf"
+    gguf = str(model_path).endswith(".gguf")
     stages = _Stages(progress, 5 + gguf + ("onnx" in options.export) + ("trt" in options.export) + options.validate)
     emit = stages.emit
-    with output_dir(out_dir, model_path, options) as output:
-        emit("stage", {"name": f"loading {model_path}"})
+    extras.require(*extras.for_compress(model_path, options))
+    with output_dir(out_dir, local.resolve() if local.exists() else None, options) as output:
+        source = resolve_source(model_path, options)
+        model_path = source.path.resolve()
+        emit("stage", {"name": f"loading {source.repo_id or model_path}"})
         loaded, spec, data = prepare(model_path, options)
         calibration = encode_split(loaded, spec, data, "calibration", options)
         holdout = encode_split(loaded, spec, data, "holdout", options)
         heal_extra = encode_heal_data(loaded, spec, options)
         emit("stage", {"name": "certifying" + (" (with healing)" if options.heal else "")})
+        save_dtype = source_dtype(model_path) if options.save_dtype == "source" else options.save_dtype
         cert = certify(loaded.model, spec, calibration, holdout, options.policy, options.analyze, on_event=emit,
-                       healing=options.heal, heal_extra=heal_extra)
+                       healing=options.heal, heal_extra=heal_extra, measure_dtype=save_dtype)
         cert.data = data.describe()
         emit("stage", {"name": f"removing layers {cert.layers} and saving"})
         config_diff = remove_layers_(loaded.model, spec, cert.layers)
+        cast_weights_(loaded.model, save_dtype)  # the certificate was measured in this dtype (certify)
         tmp = output.staging
         save_checkpoint(loaded.model, loaded.processor, None if loaded.gguf_file else loaded.model_dir, tmp / "model")
         emit("stage", {"name": "reloading the checkpoint in a fresh process"})
         reload_facts = verify_reload(tmp / "model", loaded.model, spec, calibration[0].inputs)
         manifest = build_manifest(
-            source={"path": str(model_path), "gguf_file": loaded.gguf_file, "processor_note": loaded.processor_note},
+            source={**source.as_dict(), "path": str(model_path), "gguf_file": loaded.gguf_file,
+                    "processor_note": loaded.processor_note, "dtype": source_dtype(model_path), "saved_dtype": save_dtype},
             architecture=type(loaded.model).__name__,
             certificate=cert,
             config_diff=config_diff,
@@ -168,13 +170,16 @@ def compress(model_path: str | Path, out_dir: str | Path, options: CompressOptio
             analyze_config=asdict(options.analyze),
             reload_check=reload_facts,
         )
-        if loaded.gguf_file:
+        if loaded.gguf_file and cert.healing:  # the source's bytes would carry the unhealed weights
+            log.warning("model.gguf not written: healed layers would need re-quantization (model/ holds the healed model)")
+            manifest["gguf"] = {"skipped": "healed layers are not re-quantized into the GGUF yet"}
+        elif loaded.gguf_file:
             manifest["gguf"] = _export_gguf(loaded.model_dir / loaded.gguf_file, cert.layers, tmp, emit)
         write_manifest(tmp, manifest)
         write_atomic(tmp / "README.md", model_card(manifest))
         write_atomic(tmp / "model" / "README.md", hub_model_card(
             manifest, pipeline_tag="image-text-to-text" if spec.is_vlm else "text-generation",
-            metadata=source_card_metadata(model_path)))
+            metadata=source_card_metadata(model_path), base_model=source.repo_id))
         exports = _export(tmp, options, emit)
         if options.validate:
             emit("stage", {"name": "validating on the untouched test split"})
@@ -257,7 +262,7 @@ def analyze_model(model_path: str | Path, options: CompressOptions = CompressOpt
     held-out damage (Spearman), at one pass per layer.
     """
     emit = progress or (lambda kind, info: None)
-    loaded, spec, data = prepare(Path(model_path), options)
+    loaded, spec, data = prepare(resolve_source(model_path, options).path, options)
     batches = encode_split(loaded, spec, data, "calibration", options)
     emit("pass_start", {"split": "calibration", "removed": [], "samples": sum(b.size for b in batches)})
     result = run_pass(loaded.model, spec, batches, config=options.analyze, on_batch=lambda k: emit("batch", {"n": k}))

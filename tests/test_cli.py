@@ -73,3 +73,25 @@ def test_quiet_prints_only_errors(tiny_model_dir, tmp_path: Path) -> None:
     assert proc.returncode == 0 and proc.stderr.strip() == "" and proc.stdout.strip() == ""
     proc = _cli("compress", tmp_path / "missing", tmp_path / "out2", "-q")
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+@pytest.mark.parametrize(("argv", "blocked", "pip"), [
+    (["--export", "onnx"], "onnxscript", "skipit[onnx]"),
+    (["--export", "onnx", "--exporter", "legacy"], "onnxruntime", "skipit[onnx]"),
+    ([], "gguf", "skipit[gguf]"),
+])
+def test_a_missing_extra_stops_before_any_work(tiny_model_dir, smollm2_gguf: Path, tmp_path: Path, argv: list[str],
+                                               blocked: str, pip: str) -> None:
+    """As in an environment without that package (``sys.modules[name] = None`` makes it unimportable)."""
+    import time
+
+    model = smollm2_gguf if blocked == "gguf" else tiny_model_dir("LlamaForCausalLM")
+    code = (f"import sys; sys.modules[{blocked!r}] = None\n"
+            "from skipit.cli import compress_main; sys.exit(compress_main(sys.argv[1:]))")
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code, str(model), str(tmp_path / "out"), "--max-layers", "1", *argv],
+                          capture_output=True, text=True)
+    err = " ".join(proc.stderr.split())
+    assert proc.returncode == 2 and f"pip install '{pip}'" in err and blocked in err, err
+    assert time.perf_counter() - started < 60 and "certifying" not in err
+    assert list(tmp_path.iterdir()) == []

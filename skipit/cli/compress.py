@@ -11,7 +11,8 @@ from skipit.cli.runner import EXIT_CODES_HELP, Progress, add_output_flags, dtype
 
 COMPRESS_EXAMPLES = """examples:
   skipit-compress ./SmolLM2-135M out --max-kl 0.35 --max-layers 4
-  skipit-compress model.Q4_1.gguf out --max-layers 2 --heal          # GGUF in; heal after removal
+  skipit-compress model.Q4_1.gguf out --max-layers 2 --heal          # GGUF in (→ out/model.gguf); heal
+  skipit-compress HuggingFaceTB/SmolLM2-135M-Instruct out --max-layers 2   # a Hub id (HF cache; HF_HUB_OFFLINE)
   skipit-compress ./llava out --calib data.jsonl --export onnx --validate   # the whole pipeline, as a CI gate
 """
 
@@ -60,8 +61,11 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = COMPRESS_EXAMPLES + "\n" + EXIT_CODES_HELP
-    p.add_argument("model", type=Path, help="model directory (config.json + safetensors) or a .gguf file")
+    p.add_argument("model", help="model directory (config.json + safetensors), a .gguf file, or a Hugging Face Hub id "
+                                 "(org/name, org/name/file.gguf)")
     p.add_argument("out_dir", type=Path, help="output directory (model/, skipit_manifest.json, README.md, report.html)")
+    p.add_argument("--revision", help="Hub id only: branch, tag or commit (default: main)")
+    p.add_argument("--cache-dir", type=Path, help="Hub id only: the Hugging Face cache folder (default: HF_HOME's)")
     g = p.add_argument_group("certificate")
     g.add_argument("--max-kl", type=float, default=None,
                    help="bound on mean KL(original‖slim) in nats/token on held-out data, at --confidence "
@@ -70,6 +74,9 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-top1", type=float, help="lower bound on top-1 agreement with the original")
     g.add_argument("--protect", type=_int_list, default=CertifyPolicy.protect, help="layers never removed (default: 0,-1)")
     g.add_argument("--confidence", type=float, default=CertifyPolicy.confidence)
+    g.add_argument("--bound", choices=["worst-domain", "pooled"], default=CertifyPolicy.bound,
+                   help="what the held-out check certifies: the worst domain's upper bound (default; domains come "
+                        "from the built-in data or a JSONL \"domain\" field) or the pooled mean's")
     g.add_argument("--probe-width", type=int,
                    help="best-ranked candidates tried per step: screened on a quarter of the calibration samples, the "
                         f"best {CertifyPolicy.verify_top} verified on all of them (default {CertifyPolicy.probe_width}; "
@@ -86,6 +93,9 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--heal-method", choices=["full", "lora"], help="full weights (default) or low-rank updates merged back")
     g.add_argument("--heal-slack", type=float,
                    help=f"selection bound before healing, as a multiple of --max-kl (default {HealConfig.select_slack:g})")
+    p.add_argument("--save-dtype", default="source", type=lambda t: t if t == "source" else dtype_arg(t),
+                   help="dtype of the saved checkpoint: source (default: the input's own; bfloat16 for a quantized "
+                        "GGUF), float32, float16, bfloat16; the certificate is measured in it")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT_DIR if it holds an earlier skipit output (never any other folder)")
     p.add_argument("--export", type=lambda t: tuple(x for x in t.split(",") if x), default=(),
@@ -117,10 +127,13 @@ def options_from(args: argparse.Namespace, compress: bool) -> Any:
         kw = {} if args.max_kl is None and args.max_layers is None else {"max_kl": args.max_kl}
         width = {} if args.probe_width is None else {"probe_width": args.probe_width}
         policy = CertifyPolicy(**kw, max_layers=args.max_layers, min_top1=args.min_top1, protect=args.protect,
-                               confidence=args.confidence, **width)
+                               confidence=args.confidence, bound=args.bound, **width)
     return CompressOptions(
         heal=_heal_config(args) if getattr(args, "heal", False) else None,
         heal_data=getattr(args, "heal_data", None),
+        save_dtype=getattr(args, "save_dtype", "source"),
+        revision=getattr(args, "revision", None),
+        cache_dir=getattr(args, "cache_dir", None),
         load=LoadOptions(args.dtype, args.device, args.trust_remote_code, args.allow_pickle),
         data=DataOptions(args.calib, args.calib_limit, args.batch_size, args.max_length),
         policy=policy,
@@ -142,6 +155,12 @@ def _summary(console: Any, manifest: dict[str, Any], out_dir: Path) -> None:
     table.add_row("removed layers", ", ".join(map(str, cert["layers"])))
     table.add_row("held-out KL (nats/token)", f"{hold['kl']['mean']:.4f}  (≤ {hold['kl']['hi']:.4f})")
     table.add_row("held-out top-1 agreement", f"{hold['top1']['mean']:.3f}  (≥ {hold['top1']['lo']:.3f})")
+    bound = hold.get("bound") or {}
+    if bound.get("kind") == "worst-domain":
+        table.add_row("certified (worst domain)", f"KL ≤ {bound['kl_hi']:.4f} ({bound['domain']}, "
+                                                  f"{len(hold['domains'])} domains)")
+    if hold.get("longest_context"):
+        table.add_row("longest context covered", f"{hold['longest_context']} tokens")
     if cert.get("healing"):
         before = cert["healing"]["holdout_before"]["kl"]["mean"]
         table.add_row("healing", f"held-out KL {before:.4f} → {hold['kl']['mean']:.4f} "
@@ -209,7 +228,7 @@ def analyze_command(args: argparse.Namespace) -> int:
 def add_analyze_parser(sub: Any) -> None:
     p = sub.add_parser("analyze", help="per-layer scores only, no rewrite", epilog=EXIT_CODES_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", type=Path)
+    p.add_argument("model", help="model directory, .gguf file or Hugging Face Hub id")
     p.add_argument("out_json", type=Path)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--oracle", action="store_true",

@@ -21,6 +21,7 @@ def export_command(args: argparse.Namespace) -> int:
     """Handler of ``skipit export``."""
 
     def job(progress: Progress, console: Any) -> int:
+        from skipit import extras
         from skipit.errors import ExitCode, InvalidOptionError
         from skipit.exporters.export import build_engines, export_onnx
 
@@ -33,6 +34,7 @@ def export_command(args: argparse.Namespace) -> int:
 
         if args.dtype not in _ONNX_DTYPES:
             raise InvalidOptionError(f"ONNX export writes float32 or float16, not {args.dtype}")
+        extras.require(*extras.for_onnx(args.backend, args.exporter))
         config = OnnxExportConfig(opset=args.opset or 18, dtype=_ONNX_DTYPES[args.dtype], exporter=args.exporter,
                                   backend=args.backend, overwrite=args.overwrite)
         progress("stage", {"name": f"exporting {args.source} to ONNX"})

@@ -74,6 +74,10 @@ def sigterm_cleans_up() -> Iterator[None]:
 
 def quiet_libraries(verbose: bool) -> None:
     """No tqdm bars or info chatter from transformers / huggingface_hub between skipit's own lines."""
+    import os
+
+    if not verbose:  # raw tqdm bars (transformers' GGUF dequantization); tqdm reads this when first imported
+        os.environ.setdefault("TQDM_DISABLE", "1")
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
@@ -108,6 +112,7 @@ class Progress:
         self.bar.__exit__(*exc)
 
     def log(self, text: str) -> None:
+        """One line (rich markup allowed: callers escape what they did not write)."""
         if not self.quiet:
             self.bar.console.log(text) if self.live else self.console.print(text, highlight=False, soft_wrap=True)
 
@@ -126,7 +131,9 @@ class Progress:
             if self.overall is None:
                 self.overall = self.bar.add_task("skipit", total=info["of"])
             self.bar.update(self.overall, completed=info["step"] - 1, description=f"[bold]{info['name']}")
-        self.log(info["name"])
+        from rich.markup import escape
+
+        self.log(escape(info["name"]))
 
     def _on_pass_start(self, info: dict[str, Any]) -> None:
         removed = f" without layers {info['removed']}" if info["removed"] else " (original)"
@@ -158,7 +165,10 @@ class Progress:
 
 def _report_error(args: argparse.Namespace, console: Any, code: int, kind: str, message: str) -> int:
     """One line on stderr; with ``--json`` also a JSON error object (stdout, or the ``--json`` file)."""
-    console.print(f"[bold red]{kind}:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    # escaped: messages hold brackets that are not markup ("pip install 'skipit[gguf]'", "layers [2, 3]")
+    console.print(f"[bold red]{kind}:[/] {escape(message)}", highlight=False, soft_wrap=True)
     target = getattr(args, "json", None)
     if target:
         payload = json.dumps({"error": {"exit_code": int(code), "kind": kind, "message": message}})

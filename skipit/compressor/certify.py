@@ -13,17 +13,26 @@ not, the last-added layer is dropped and the smaller set is verified again.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Callable, Iterator, Sequence
 
 from skipit.compressor.analyze import AnalyzeConfig, Divergence, PassResult, run_pass
-from skipit.compressor.heal import HealConfig, HealData, heal_
+from skipit.compressor.heal import HealConfig, HealData, build_heal_data, heal_
 from skipit.errors import InvalidOptionError, NothingToRemoveError
 
 log = logging.getLogger(__name__)
+
+
+BOUNDS = ("worst-domain", "pooled")
+#: A domain needs this many held-out samples for a bound of its own; smaller ones are pooled as "other".
+MIN_DOMAIN_SAMPLES = 3
+#: Ends of the token-position buckets (1-based) of the per-context-length figures.
+POSITION_EDGES = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,10 @@ class CertifyPolicy:
         max_vision_attention: cross-modal condition (VLMs): a layer whose text queries put more than
             this share of their attention on vision tokens is not a candidate (it carries the
             image into the text stream). None disables the condition.
+        bound: what the held-out check certifies: ``worst-domain`` (default) — the largest per-domain
+            upper bound of KL (and smallest lower bound of top-1), over the domains with at least
+            :data:`MIN_DOMAIN_SAMPLES` held-out samples (the rest pooled as one); ``pooled`` — the bound
+            of the mean over all held-out tokens. Data without domains is one domain either way.
         block_candidates: also propose, at each size, the contiguous block with the smallest angular
             distance across it (Gromov et al.; measured in the first pass) as a candidate set.
         swap_width: after each accepted step, screen replacing the chosen layer that cost most by
@@ -64,6 +77,7 @@ class CertifyPolicy:
     verify_top: int = 2
     screen_fraction: float = 0.25
     max_vision_attention: float | None = 0.5
+    bound: str = "worst-domain"
     block_candidates: bool = True
     swap_width: int = 2
 
@@ -81,6 +95,8 @@ class CertifyPolicy:
             raise InvalidOptionError(f"confidence must be in [0.5, 1), got {self.confidence}")
         if self.probe_width < 1 or self.verify_top < 1:
             raise InvalidOptionError("probe_width and verify_top must be ≥ 1")
+        if self.bound not in BOUNDS:
+            raise InvalidOptionError(f"--bound {self.bound!r} is not one of {', '.join(BOUNDS)}")
         if not 0 < self.screen_fraction <= 1:
             raise InvalidOptionError(f"screen_fraction must be in (0, 1], got {self.screen_fraction}")
 
@@ -112,8 +128,11 @@ class CertifyPolicy:
 
     def admits(self, div: Divergence) -> bool:
         """Whether a measured divergence satisfies the bounds (upper KL bound, lower top-1 bound)."""
-        ok = self.max_kl is None or div.kl.hi <= self.max_kl
-        return ok and (self.min_top1 is None or div.top1.lo >= self.min_top1)
+        return self.admits_bound(div.kl.hi, div.top1.lo)
+
+    def admits_bound(self, kl_hi: float, top1_lo: float) -> bool:
+        """Whether an upper KL bound and a lower top-1 bound satisfy the policy."""
+        return (self.max_kl is None or kl_hi <= self.max_kl) and (self.min_top1 is None or top1_lo >= self.min_top1)
 
 
 @dataclass
@@ -154,23 +173,43 @@ class Certificate:
 
     @property
     def kl_bound(self) -> float:
-        """The certified upper bound on mean KL (nats/token) on the held-out split."""
-        return float(self.holdout["kl"]["hi"])
+        """The certified upper bound on mean KL (nats/token) on the held-out split (worst domain by default)."""
+        return float(self.holdout.get("bound", {}).get("kl_hi", self.holdout["kl"]["hi"]))
+
+    FORMAT = "skipit-certificate/1"
 
     def as_dict(self) -> dict[str, Any]:
-        out = asdict(self)
+        """JSON-able record with its format version; :meth:`from_dict` reads it back."""
+        out = {"format": self.FORMAT, **asdict(self)}
         out["statement"] = self.statement()
         return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Certificate":
+        """The certificate :meth:`as_dict` wrote (JSON keys of ``combined_scores`` turned back into ints)."""
+        fmt = data.get("format", cls.FORMAT)
+        if fmt != cls.FORMAT:
+            raise InvalidOptionError(f"certificate format {fmt!r} is not {cls.FORMAT!r}; rerun skipit-compress "
+                                     "with this skipit version")
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in data.items() if k in names}
+        kw["steps"] = [Step(**s) for s in data.get("steps", [])]
+        kw["combined_scores"] = {int(k): v for k, v in data.get("combined_scores", {}).items()}
+        return cls(**kw)
 
     def statement(self) -> str:
         """One sentence a user can read."""
         h = self.holdout
+        bound = h.get("bound", {"kind": "pooled"})
+        worst = (f"; in its worst domain ({bound['domain']}) ≤ {bound['kl_hi']:.4f}, the certified bound"
+                 if bound["kind"] == "worst-domain" else "")
+        longest = f", contexts up to {h['longest_context']} tokens" if h.get("longest_context") else ""
         return (
             f"Removing layers {self.layers} of {self.n_layers}: mean KL(original‖slim) = {h['kl']['mean']:.4f} nats/token, "
             f"≤ {h['kl']['hi']:.4f} with {self.policy['confidence']:.0%} confidence (one-sided bootstrap over "
-            f"{h['kl']['n']} held-out samples, {h['tokens']} tokens); top-1 agreement {h['top1']['mean']:.3f} "
+            f"{h['kl']['n']} held-out samples, {h['tokens']} tokens){worst}; top-1 agreement {h['top1']['mean']:.3f} "
             f"(≥ {h['top1']['lo']:.3f})" + (", measured after healing" if self.healing else "")
-            + ". Holds for data like the held-out split it was measured on."
+            + f". Holds for data like the held-out split it was measured on{longest}."
         )
 
 
@@ -184,6 +223,7 @@ def certify(
     on_event: Callable[[str, dict[str, Any]], None] | None = None,
     healing: HealConfig | None = None,
     heal_extra: Sequence[Any] = (),
+    measure_dtype: str | None = None,
 ) -> Certificate:
     """Choose and verify a set of layers to remove (see the module docstring).
 
@@ -195,6 +235,10 @@ def certify(
     set tried on the held-out split is first healed (:func:`~skipit.compressor.heal.heal_`) on the
     calibration split plus ``heal_extra`` batches, and the bound itself is checked on the healed
     model. The model keeps the healed weights of the certified set (a failed set's are undone).
+
+    With ``measure_dtype`` (the dtype the slim model will be saved in, when it differs from the
+    model's), every held-out check runs on a copy cast to it: the certificate is the saved model's.
+    The cast's own share (KL of the cast original, nothing removed) is recorded as ``holdout["cast"]``.
     """
     t0 = time.perf_counter()
     emit = on_event or (lambda kind, info: None)
@@ -207,11 +251,13 @@ def certify(
     select_slack = healing.select_slack if healing else 1.0
     select = policy.loosened(select_slack)
 
-    def do_pass(split: str, batches: Sequence[Any], removed: list[int], **kw: Any) -> PassResult:
+    def do_pass(split: str, batches: Sequence[Any], removed: list[int], on: tuple[Any, Any] | None = None,
+                **kw: Any) -> PassResult:
         passes[split] += 1
         emit("pass_start", {"split": split, "removed": list(removed), "samples": sum(b.size for b in batches)})
-        with spec.skipping(removed):
-            return run_pass(model, spec, batches, config=cfg, on_batch=lambda k: emit("batch", {"n": k}), **kw)
+        m, sp = on or (model, spec)
+        with sp.skipping(removed):
+            return run_pass(m, sp, batches, config=cfg, on_batch=lambda k: emit("batch", {"n": k}), **kw)
 
     base = do_pass("calibration", calibration, [], keep_reference=True, block_span=budget if policy.block_candidates else 0)
     reference = base.reference
@@ -274,19 +320,28 @@ def certify(
         raise NothingToRemoveError(_nothing_message(policy, steps, slack=select_slack))
 
     hold_ref = do_pass("holdout", holdout, [], keep_reference=True, layer_scores=False).reference
-    heal_data = _heal_data(model, spec, calibration, reference, heal_extra, cfg) if healing else None
+    heal_data = build_heal_data(model, spec, calibration, reference, heal_extra, cfg) if healing else None
     healed: dict[str, Any] | None = None
+    cast: dict[str, Any] | None = None
+    with _cast_twin(model, spec, measure_dtype) as twin:
+        if twin is not None:
+            cast = {"dtype": measure_dtype, **do_pass("holdout", holdout, [], on=twin, reference=hold_ref,
+                                                      layer_scores=False).divergence.as_dict()}
     while chosen:
         if heal_data is not None:
             healed = _healed_try(do_pass, emit, model, spec, chosen, heal_data, healing, hold_ref, holdout, calibration,
                                  reference, steps)
-        verdict = do_pass("holdout", holdout, chosen, reference=hold_ref, layer_scores=False)
+        with _cast_twin(model, spec, measure_dtype) as twin:  # after healing: the copy holds the healed weights
+            verdict = do_pass("holdout", holdout, chosen, on=twin, reference=hold_ref, layer_scores=False)
         div = verdict.divergence
-        emit("verify", {"layers": sorted(chosen), "kl": div.kl.mean, "kl_hi": div.kl.hi, "top1": div.top1.mean,
-                        "healed": healed is not None})
-        if policy.max_kl is None and policy.min_top1 is None or policy.admits(div):
+        figures = holdout_figures(div, [d for b in holdout for d in b.domains], policy, cfg)
+        bound = figures["bound"]
+        emit("verify", {"layers": sorted(chosen), "kl": div.kl.mean, "kl_hi": bound["kl_hi"], "top1": div.top1.mean,
+                        "healed": healed is not None, "bound": bound["kind"], "domain": bound.get("domain")})
+        if policy.max_kl is None and policy.min_top1 is None or policy.admits_bound(bound["kl_hi"], bound["top1_lo"]):
             break
-        log.info("held-out bound failed for %s (KL ≤ %.4f); dropping layer %d", sorted(chosen), div.kl.hi, chosen[-1])
+        log.info("held-out bound failed for %s (%s KL ≤ %.4f); dropping layer %d", sorted(chosen), bound["kind"],
+                 bound["kl_hi"], chosen[-1])
         if healed is not None:
             healed.pop("_result").undo(model)
             healed = None
@@ -299,8 +354,9 @@ def certify(
         layers=sorted(chosen),
         order=list(chosen),
         n_layers=n,
-        policy={**asdict(policy), "protect_resolved": sorted(protected), "eps": cfg.eps},
-        holdout={**div.as_dict(), "tokens": verdict.tokens["text"], "split": "holdout"},
+        policy={**asdict(policy), "protect": list(policy.protect), "protect_resolved": sorted(protected), "eps": cfg.eps},
+        holdout={**div.as_dict(), "tokens": verdict.tokens["text"], "split": "holdout", **figures,
+                 "dtype": measure_dtype or str(next(model.parameters()).dtype).removeprefix("torch."), "cast": cast},
         calibration=current_div.as_dict() if current_div else {},
         passes={**passes, "total": passes["calibration"] + passes["screen"] + passes["holdout"],
                 # forward work over the calibration split, in full-split passes (a screen is a fraction of one)
@@ -313,6 +369,48 @@ def certify(
         seconds=time.perf_counter() - t0,
         healing=healed,
     )
+
+
+@contextlib.contextmanager
+def _cast_twin(model: Any, spec: Any, dtype: str | None) -> Iterator[tuple[Any, Any] | None]:
+    """A copy of ``model`` cast to ``dtype`` with its own spec, or None when it is in that dtype already."""
+    import torch
+
+    from skipit.compressor.arch import decoder_spec
+    from skipit.compressor.dtypes import cast_weights_
+
+    if dtype is None or getattr(torch, dtype) == next(model.parameters()).dtype:
+        yield None
+        return
+    twin = cast_weights_(copy.deepcopy(model), dtype)
+    try:
+        yield twin, decoder_spec(twin)
+    finally:
+        del twin
+
+
+def holdout_figures(div: Divergence, domains: Sequence[str | None], policy: CertifyPolicy,
+                    cfg: AnalyzeConfig) -> dict[str, Any]:
+    """Per-domain and per-position figures of a held-out measurement, and the bound the policy certifies.
+
+    ``domains[i]`` is the domain of the pass's sample ``i``. Returns ``{"domains", "positions",
+    "longest_context", "bound"}``; ``bound`` holds ``kind``, ``kl_hi``, ``top1_lo`` (and ``domain``, the
+    worst one, for ``worst-domain``).
+    """
+    import numpy as np
+
+    labels = [d or "unlabeled" for d in domains]
+    counts = {d: labels.count(d) for d in set(labels)}
+    labels = [d if counts[d] >= MIN_DOMAIN_SAMPLES else "other" for d in labels]
+    per_domain = div.by_group(labels, cfg) if len(set(labels)) > 1 else {}
+    bound: dict[str, Any] = {"kind": "pooled", "kl_hi": div.kl.hi, "top1_lo": div.top1.lo}
+    if policy.bound == "worst-domain" and per_domain:
+        worst = max(per_domain, key=lambda d: per_domain[d]["kl"]["hi"])
+        bound = {"kind": "worst-domain", "domain": worst, "kl_hi": per_domain[worst]["kl"]["hi"],
+                 "top1_lo": min(f["top1"]["lo"] for f in per_domain.values())}
+    longest = int(np.max(div.token_pos)) + 1 if div.token_pos is not None and len(div.token_pos) else 0
+    return {"domains": per_domain, "positions": div.by_position(POSITION_EDGES, cfg), "longest_context": longest,
+            "bound": bound}
 
 
 def _screen_subset(batches: Sequence[Any], reference: list[Any], fraction: float) -> tuple[list[Any], list[Any], int]:
@@ -329,7 +427,7 @@ def _screen_subset(batches: Sequence[Any], reference: list[Any], fraction: float
             cut = {k: v[:rows] if hasattr(v, "shape") and v.shape[:1] == (batch.size,) else v for k, v in batch.inputs.items()}
             n_text = int(batch.text_mask[:rows].sum())
             batch = _replace(batch, inputs=cut, text_mask=batch.text_mask[:rows], vision_mask=batch.vision_mask[:rows],
-                             sample_ids=batch.sample_ids[:rows])
+                             sample_ids=batch.sample_ids[:rows], domains=batch.domains[:rows])
             ref = (ref[0][:n_text], ref[1][:n_text])
         out_b.append(batch)
         out_r.append(ref)
@@ -372,18 +470,6 @@ def _try_swap(policy: CertifyPolicy, select: CertifyPolicy, do_pass: Callable[..
         return current, div, chosen
     cost[u] = cost.pop(worst) + tdiv.kl.mean - div.kl.mean
     return trial, tdiv, swapped[u]
-
-
-def _heal_data(model: Any, spec: Any, calibration: Sequence[Any], reference: list[Any], extra: Sequence[Any],
-               cfg: AnalyzeConfig) -> HealData:
-    """Healing batches with the original's log-probs: the calibration split's (already measured) + ``extra``."""
-    batches, teacher, sources = list(calibration), list(reference), ["calibration"] * len(calibration)
-    if extra:
-        extra_ref = run_pass(model, spec, extra, config=cfg, keep_reference=True, layer_scores=False).reference
-        batches += list(extra)
-        teacher += extra_ref
-        sources += ["heal_data"] * len(extra)
-    return HealData(batches, teacher, sources)
 
 
 def _healed_try(do_pass: Callable[..., PassResult], emit: Callable[[str, dict[str, Any]], None], model: Any, spec: Any,

@@ -146,6 +146,23 @@ class HealData:
         return {k: sorted(v) for k, v in out.items()}
 
 
+def build_heal_data(model: Any, spec: Any, calibration: Sequence[Any], reference: list[Any], extra: Sequence[Any] = (),
+                    config: Any = None) -> HealData:
+    """Healing batches with the original's log-probs: the calibration split's (``reference``, already
+    measured by the certifier) plus ``extra`` batches (``--heal-data``), measured here with the model as it
+    is now — call before any layer is trained."""
+    from skipit.compressor.analyze import AnalyzeConfig, run_pass
+
+    batches, teacher, sources = list(calibration), list(reference), ["calibration"] * len(calibration)
+    if extra:
+        extra_ref = run_pass(model, spec, extra, config=config or AnalyzeConfig(), keep_reference=True,
+                             layer_scores=False).reference
+        batches += list(extra)
+        teacher += extra_ref
+        sources += ["heal_data"] * len(extra)
+    return HealData(batches, teacher, sources)
+
+
 def heal_(model: Any, spec: Any, removed: Sequence[int], data: HealData, config: HealConfig = HealConfig(),
           on_step: Callable[[dict[str, Any]], None] | None = None) -> HealResult:
     """Distil the model with ``removed`` skipped toward ``data.teacher``, in place; see the module docstring.

@@ -86,14 +86,39 @@ def _facts_table(manifest: dict[str, Any]) -> str:
 |---|---|
 | source | `{src['path']}` ({manifest['architecture']}) |
 | decoder layers | {layers['original']} → {layers['slim']} |
+| weights | {src.get('saved_dtype', 'float32')} (source: {src.get('dtype', 'unknown')}); the certificate below was measured in this dtype |
 | removed (original numbering) | {', '.join(map(str, layers['removed']))} |
 | requested KL bound | {bound} |
 | held-out mean KL(original‖slim) | {hold['kl']['mean']:.4f} nats/token (≤ {hold['kl']['hi']:.4f} at {policy['confidence']:.0%} confidence) |
 | held-out top-1 agreement | {hold['top1']['mean']:.3f} (≥ {hold['top1']['lo']:.3f}) |
-| held-out data | {hold['kl']['n']} samples, {hold['tokens']} text tokens, {manifest['calibration']['description']} |
+{_bound_row(hold)}| held-out data | {hold['kl']['n']} samples, {hold['tokens']} text tokens, {manifest['calibration']['description']} |
 | forward passes used | {cert['passes']['calibration']} calibration + {cert['passes']['holdout']} held-out |
 | made with | skipit {ver['skipit']}, transformers {ver['transformers']}, torch {ver['torch']} |
 """
+
+
+def _bound_row(hold: dict[str, Any]) -> str:
+    bound = hold.get("bound")
+    if not bound:
+        return ""
+    what = (f"worst domain ({bound['domain']}): KL ≤ {bound['kl_hi']:.4f}" if bound["kind"] == "worst-domain"
+            else f"pooled: KL ≤ {bound['kl_hi']:.4f}")
+    longest = f"; contexts up to {hold['longest_context']} tokens" if hold.get("longest_context") else ""
+    return f"| certified bound | {what}{longest} |\n"
+
+
+def spread_tables(hold: dict[str, Any]) -> str:
+    """Markdown tables of the held-out figures per domain and per position bucket (the spread behind the bound)."""
+    parts = []
+    for title, rows in (("domain", hold.get("domains") or {}), ("token positions", hold.get("positions") or {})):
+        if not rows:
+            continue
+        lines = [f"| {title} | samples | tokens | mean KL | KL ≤ (95 %) | top-1 |", "|---|---|---|---|---|---|"]
+        for name, f in rows.items():
+            lines.append(f"| {name} | {f['samples']} | {f['tokens']} | {f['kl']['mean']:.4f} | {f['kl']['hi']:.4f} | "
+                         f"{f['top1']['mean']:.3f} |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + ("\n" if parts else "")
 
 
 def model_card(manifest: dict[str, Any]) -> str:
@@ -115,6 +140,7 @@ no part in choosing the layers. It is a statement about data like that split: ot
 (code, other languages, long contexts) can degrade more. Check on your own data with
 `skipit validate` before shipping.
 
+{spread_tables(cert['holdout'])}
 Full evidence (per-layer scores, every verified step, config changes): `skipit_manifest.json`.
 """
 

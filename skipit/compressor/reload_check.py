@@ -20,7 +20,7 @@ def main(model_dir: str, inputs_path: str, out_path: str) -> None:
     text = config.get_text_config(decoder=True)
     is_vlm = text is not config
     auto = transformers.AutoModelForImageTextToText if is_vlm else transformers.AutoModelForCausalLM
-    model = auto.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = auto.from_pretrained(model_dir, dtype="auto").eval()  # the saved dtype, as a user would load it
     inputs = load_file(inputs_path)
     with torch.inference_mode():
         logits = model(**inputs, use_cache=False).logits
@@ -29,6 +29,7 @@ def main(model_dir: str, inputs_path: str, out_path: str) -> None:
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     facts = {
         "class": type(model).__name__,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "num_hidden_layers": text.num_hidden_layers,
         "layer_types": getattr(text, "layer_types", None),
         "tied": head.weight.data_ptr() == emb.weight.data_ptr(),

@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from skipit.compressor.calibration import DataOptions
 from skipit.compressor.stats import Estimate, bootstrap_quantile, bootstrap_ratio
 from skipit.errors import InvalidOptionError, MissingAnswersError
 from skipit.validators.compare import (  # noqa: F401 - re-exported
@@ -68,8 +69,8 @@ class ParityConfig:
     prompt_fraction: float = 0.5
     max_prompt_tokens: int = 64
     accuracy: bool | None = None
-    batch_size: int = 8
-    max_length: int = 128
+    batch_size: int = DataOptions.batch_size
+    max_length: int = DataOptions.max_length
 
     def __post_init__(self) -> None:
         if not 0.5 <= self.confidence < 1:
