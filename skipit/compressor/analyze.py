@@ -398,6 +398,8 @@ def _finish_layers(acc: _Accumulator, spec: Any, config: AnalyzeConfig) -> list[
     return layers
 
 
-def analyze(model: Any, spec: Any, batches: Sequence[Any], config: AnalyzeConfig = AnalyzeConfig(), **kw: Any) -> list[LayerStats]:
+def analyze(
+    model: Any, spec: Any, batches: Sequence[Any], config: AnalyzeConfig = AnalyzeConfig(), **kw: Any
+) -> list[LayerStats]:
     """Score every decoder layer on ``batches`` (one pass); see the module docstring."""
     return run_pass(model, spec, batches, config=config, **kw).layers

@@ -317,7 +317,8 @@ def decoder_spec(model: Any) -> DecoderSpec:
     layers = _first(model, arch.layer_paths)
     norm = _first(model, arch.norm_paths)
     if layers is None or norm is None:
-        raise _unsupported(name, f"none of the layer paths {arch.layer_paths} / norm paths {arch.norm_paths} exist in this transformers version")
+        raise _unsupported(name, f"none of the layer paths {arch.layer_paths} / norm paths {arch.norm_paths} "
+                                 "exist in this transformers version")
     spec = DecoderSpec(arch=arch, model=model, layers_path=layers[0], norm_path=norm[0])
     spec.original_indices = list(range(spec.num_layers))
     declared = getattr(spec.text_config, "num_hidden_layers", spec.num_layers)

@@ -277,7 +277,8 @@ def load_calibration(
     """
     if path is None:
         samples = builtin_samples(with_images, seed)
-        source, description = "builtin", "skipit built-in English prose" + (" + drawn images with questions" if with_images else "")
+        source = "builtin"
+        description = "skipit built-in English prose" + (" + drawn images with questions" if with_images else "")
     else:
         samples = read_jsonl(Path(path), with_images=with_images)
         source, description = str(path), f"user data {Path(path).name}"

@@ -388,7 +388,8 @@ def check_loading_info(info: dict[str, Any], source: Path, described_by: str) ->
     if not problems:
         return
     layers = {int(m.group(1)) for k in (*missing, *unexpected) if (m := _LAYER_INDEX.search(k))}
-    hint = f" Layers involved: {_index_ranges(layers)} — does the layer count in {described_by} match the weights?" if layers else ""
+    hint = (f" Layers involved: {_index_ranges(layers)} — does the layer count in {described_by} match the weights?"
+            if layers else "")
     raise ModelLoadError(f"{source}: the weights do not match {described_by}: {'; '.join(problems)}.{hint} "
                          f"Fix {described_by} or download the checkpoint again; skipit does not certify a model "
                          "that was not loaded whole")

@@ -132,7 +132,8 @@ def verify_reload(model_dir: Path, model: Any, spec: Any, inputs: dict[str, Any]
     if facts["num_hidden_layers"] != spec.num_layers or (layer_types is not None and len(layer_types) != spec.num_layers):
         raise RewriteError(f"the reloaded config disagrees with the slim model's {spec.num_layers} layers: {facts}")
     if err > atol:
-        raise RewriteError(f"the reloaded checkpoint's logits differ from the slim model's by {err:.3g} (> {atol}); the rewrite is broken")
+        raise RewriteError(f"the reloaded checkpoint's logits differ from the slim model's by {err:.3g} (> {atol}); "
+                           "the rewrite is broken")
     if facts["tie_word_embeddings"] and not facts["tied"]:
         raise RewriteError("tie_word_embeddings is set but the reloaded LM head is not tied to the embeddings")
     return facts

@@ -464,7 +464,8 @@ def export_gguf(source_gguf: str | os.PathLike, removed: Sequence[int], out_path
         raise
     result = GgufExport(
         path=out_path, architecture=plan.arch, block_count_before=plan.n_blocks, block_count_after=len(plan.kept),
-        removed=tuple(i for i in range(plan.n_blocks) if i not in plan.kept), tensors=len(plan.renamed), size_bytes=out_path.stat().st_size,
+        removed=tuple(i for i in range(plan.n_blocks) if i not in plan.kept), tensors=len(plan.renamed),
+        size_bytes=out_path.stat().st_size,
         source_size_bytes=source.stat().st_size,
         sliced_keys=tuple(k for k in plan.changed if k != f"{plan.arch}.block_count"), healed=healed,
     )

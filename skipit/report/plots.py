@@ -66,19 +66,22 @@ def plot_layer_scores(manifest: dict[str, Any], modality: str, panels: list[tupl
     """
     cert = manifest["certificate"]
     layers = cert["initial_scores"]
-    panels = [(k, t) for k, t in panels if any(_estimate(l, k, modality) for l in layers)]
+    panels = [(k, t) for k, t in panels if any(_estimate(layer, k, modality) for layer in layers)]
     if not panels:
         return None
     from matplotlib.patches import Patch
 
     removed, protected = set(cert["layers"]), set(cert["policy"].get("protect_resolved", []))
-    colors = [REMOVED if l["index"] in removed else PROTECTED if l["index"] in protected else KEPT for l in layers]
+    colors = [REMOVED if layer["index"] in removed else PROTECTED if layer["index"] in protected else KEPT
+              for layer in layers]
     fig, axes = _figure(len(panels))
     for ax, (key, title) in zip(axes, panels):
-        idx, mean, err = [], [], [[], []]
-        for l in layers:
-            est = _estimate(l, key, modality) or {"mean": math.nan, "lo": math.nan, "hi": math.nan}
-            idx.append(l["index"])
+        idx: list[int] = []
+        mean: list[float] = []
+        err: list[list[float]] = [[], []]
+        for layer in layers:
+            est = _estimate(layer, key, modality) or {"mean": math.nan, "lo": math.nan, "hi": math.nan}
+            idx.append(layer["index"])
             mean.append(est["mean"])
             err[0].append(max(est["mean"] - est["lo"], 0.0))
             err[1].append(max(est["hi"] - est["mean"], 0.0))

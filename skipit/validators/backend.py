@@ -132,7 +132,7 @@ def _decoder_parity(slim: Any, processor: Any, samples: Sequence[Any], path: Pat
     for sample in texts:
         ids = tokenizer(sample.text, return_tensors="np", truncation=True, max_length=config.max_tokens)["input_ids"]
         ids = ids.astype(np.int64)
-        logits, _ = _onnx_run(path, f"a {ids.shape} prompt", lambda: runner.forward(ids))
+        logits, _ = _onnx_run(path, f"a {ids.shape} prompt", lambda ids=ids: runner.forward(ids))
         t_ids = torch.as_tensor(ids, device=device)
         with torch.inference_mode():
             expected = slim(input_ids=t_ids, use_cache=False).logits.float().cpu().numpy()
@@ -173,7 +173,7 @@ def _split_parity(slim: Any, processor: Any, samples: Sequence[Any], path: Path,
         sample = chosen[batch.sample_ids[0]]
         feed = {k: host(v) for k, v in batch.inputs.items()}
         what = f"sample {sample.origin or '?'} ({'image+text' if sample.image is not None else 'text'})"
-        logits, _, _ = _onnx_run(path, what, lambda: runner.prefill(feed["input_ids"], feed, feed["attention_mask"]))
+        logits, _, _ = _onnx_run(path, what, lambda feed=feed: runner.prefill(feed["input_ids"], feed, feed["attention_mask"]))
         with torch.inference_mode():
             expected = slim(**batch.inputs, use_cache=False).logits.float().cpu().numpy()
         cand.append(np.asarray(logits, dtype=np.float32).reshape(expected.shape[1:]))
@@ -184,8 +184,9 @@ def _split_parity(slim: Any, processor: Any, samples: Sequence[Any], path: Path,
         feed = {k: host(v) for k, v in prompt.inputs.items()}
         ids = feed["input_ids"]
         out = _onnx_run(path, f"the greedy prompt of sample {chosen[prompt.sample_id].origin or '?'}",
-                        lambda: runner.generate_greedy(ids, feed, config.new_tokens, attention_mask=feed["attention_mask"],
-                                                       eos_token_id=eos, pad_token_id=tokenizer.pad_token_id))
+                        lambda ids=ids, feed=feed: runner.generate_greedy(
+                            ids, feed, config.new_tokens, attention_mask=feed["attention_mask"], eos_token_id=eos,
+                            pad_token_id=tokenizer.pad_token_id))
         gen_ort.append(out[0, ids.shape[1]:].tolist())
         gen_torch.append(hf_greedy(slim, prompt.inputs, config.new_tokens, tokenizer.pad_token_id))
     return _result(path, cand, ref, gen_ort, gen_torch, config, SPLIT_LAYOUT,

@@ -267,7 +267,8 @@ def _clock(rng: np.random.Generator, size: int) -> tuple[Image.Image, str, str, 
     minute = int(rng.integers(0, 12)) * 5
     cx = cy = size / 2
     radius = size * 0.42
-    draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=(252, 252, 248), outline=_INK, width=max(2, size // 60))
+    draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=(252, 252, 248), outline=_INK,
+                 width=max(2, size // 60))
     num_font = _font(max(8, size // 14))
     for h in range(1, 13):
         a = math.radians(h * 30)

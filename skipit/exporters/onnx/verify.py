@@ -141,7 +141,7 @@ def verify_vlm(model: Any, model_dir: Path, arch: str, record: OnnxConfig, geo: 
             ref = model(**inputs).logits.float().numpy()
         ids_np, mask = inputs["input_ids"].numpy(), inputs["attention_mask"].numpy()
         got = served(f"{what} ({_shapes(inputs, ('input_ids', *record.vision_inputs))})",
-                     lambda: runner.prefill(ids_np, inputs, mask)[0])
+                     lambda ids_np=ids_np, inputs=inputs, mask=mask: runner.prefill(ids_np, inputs, mask)[0])
         errors.add("image+text prefill", got, ref, what)
     return errors.raise_on_mismatch()
 
