@@ -155,10 +155,11 @@ def torchscript_patches() -> Iterator[None]:
     masks.register("sdpa", mp.sdpa_mask_without_vmap)
     masks.register("eager", mp.eager_mask_without_vmap)
     masking_utils.find_packed_sequence_indices = mp.find_packed_sequence_indices_patched
-    DynamicLayer.update = mp.patched_dynamic_layer_update
+    DynamicLayer.update = mp.patched_dynamic_layer_update  # type: ignore[method-assign]  # undone below
     try:
         yield
     finally:
         masks.register("sdpa", saved[0])
         masks.register("eager", saved[1])
-        masking_utils.find_packed_sequence_indices, DynamicLayer.update = saved[2], saved[3]
+        masking_utils.find_packed_sequence_indices = saved[2]
+        DynamicLayer.update = saved[3]  # type: ignore[method-assign]

@@ -92,7 +92,7 @@ def output_dir(out_dir: Path, source: Path | None, options: CompressOptions) -> 
                      protect=data_files + [p.parent for p in data_files])
 
 
-def prepare(model_path: Path, options: CompressOptions) -> tuple[LoadedModel, Any, Any]:
+def prepare(model_path: str | Path, options: CompressOptions) -> tuple[LoadedModel, Any, Any]:
     """Load the model, bind its spec and load + split the calibration data."""
     loaded = load_model(model_path, options.load)
     spec = decoder_spec(loaded.model)
@@ -242,7 +242,7 @@ def _export(tmp: Path, options: CompressOptions, emit: Progress) -> dict[str, An
     return out
 
 
-def _validate(model_path: Path, tmp: Path, options: CompressOptions, emit: Progress) -> Any:
+def _validate(model_path: str | Path, tmp: Path, options: CompressOptions, emit: Progress) -> Any:
     """``--validate``: the CI gate on the untouched test split (and ONNX parity when exported)."""
     from skipit.validators.gate import GateConfig, validate
     from skipit.validators.parity import ParityConfig
@@ -285,5 +285,5 @@ def analyze_model(model_path: str | Path, options: CompressOptions = CompressOpt
         "calibration": data.describe(),
         "layers": [ls.as_dict() for ls in result.layers],
         "combined": combined,
-        "ranking": sorted(combined, key=combined.get),
+        "ranking": sorted(combined, key=combined.__getitem__),
     }

@@ -104,6 +104,8 @@ class Divergence:
 
     def by_group(self, groups: Sequence[str], config: "AnalyzeConfig") -> dict[str, dict[str, Any]]:
         """KL and top-1 agreement (with one-sided bounds) per group of samples; ``groups[i]`` names sample i."""
+        if self.sample_sums is None or self.sample_counts is None:
+            raise ValueError("this Divergence has no per-sample sums (run_pass records them)")
         labels = np.asarray(list(groups))
         out = {}
         for g in sorted(set(labels.tolist())):
@@ -113,14 +115,17 @@ class Divergence:
 
     def by_position(self, edges: Sequence[int], config: "AnalyzeConfig") -> dict[str, dict[str, Any]]:
         """KL and top-1 agreement per bucket of token positions (``edges`` are bucket ends, 1-based tokens)."""
+        pos, token_rows, token_kl, token_agree = self.token_pos, self.token_rows, self.token_kl, self.token_agree
+        if self.sample_sums is None or pos is None or token_rows is None or token_kl is None or token_agree is None:
+            raise ValueError("this Divergence has no per-token arrays (run_pass records them)")
         n = self.sample_sums.shape[0]
         out, lo = {}, 0
         for hi in edges:
-            sel = (self.token_pos >= lo) & (self.token_pos < hi)
-            if sel.any():
+            sel = (pos >= lo) & (pos < hi)
+            if np.any(sel):
                 sums, counts = np.zeros((n, 2)), np.zeros(n)
-                rows = self.token_rows[sel]
-                np.add.at(sums, rows, np.stack([self.token_kl[sel], self.token_agree[sel]], axis=1))
+                rows = token_rows[sel]
+                np.add.at(sums, rows, np.stack([token_kl[sel], token_agree[sel]], axis=1))
                 np.add.at(counts, rows, 1)
                 out[f"{lo + 1}-{hi}"] = self._estimates(sums, counts, config)
             lo = hi
@@ -144,6 +149,20 @@ class PassResult:
     #: and the input of layer ``layer + n`` — the cost proxy of removing that contiguous block (Gromov et al.)
     block_distance: np.ndarray | None = None
 
+    @property
+    def measured(self) -> Divergence:
+        """``divergence`` of a pass run against a reference; raises for a pass that had none."""
+        if self.divergence is None:
+            raise ValueError("this pass ran without a reference, so no divergence was measured")
+        return self.divergence
+
+    @property
+    def kept_reference(self) -> list[Any]:
+        """``reference`` of a pass run with ``keep_reference=True``; raises for a pass that kept none."""
+        if self.reference is None:
+            raise ValueError("this pass kept no reference (run it with keep_reference=True)")
+        return self.reference
+
     def best_block(self, size: int, allowed: Sequence[int]) -> list[int] | None:
         """The contiguous block of ``size`` layers, all in ``allowed``, with the smallest angular distance."""
         if self.block_distance is None or size >= self.block_distance.shape[1]:
@@ -153,7 +172,8 @@ class PassResult:
                   if all(self.layers[s + j].index in ok for j in range(size)) and np.isfinite(self.block_distance[s, size])]
         if not starts:
             return None
-        best = min(starts, key=lambda s: self.block_distance[s, size])
+        distance = self.block_distance
+        best = min(starts, key=lambda s: distance[s, size])
         return [self.layers[best + j].index for j in range(size)]
 
     def combined(self, candidates: Sequence[int] | None = None, vision: bool = False) -> dict[int, float]:
@@ -266,6 +286,7 @@ def run_pass(
             block_sum[i, 1: min(block_span, n_layers - i) + 1] = 0.0
 
     def _block_stats() -> None:
+        assert block_sum is not None  # called only when block_span > 0
         trace = state.pop("trace", [])
         for i in range(n_layers):
             for n in range(1, min(block_span, n_layers - i) + 1):
@@ -365,7 +386,7 @@ def _finish_divergence(div_rows: list, n_samples: int, config: AnalyzeConfig) ->
         np.add.at(sums, rows, np.stack([kl, agree, nll], axis=1))
         np.add.at(counts, rows, 1)
         np.add.at(nll_counts, rows, has_next)
-    kw = {"confidence": config.confidence, "n_boot": config.n_boot, "one_sided": True}
+    kw: dict[str, Any] = {"confidence": config.confidence, "n_boot": config.n_boot, "one_sided": True}
     kl, top1 = bootstrap_ratio(sums[:, :2], counts, **kw)
     (nll,) = bootstrap_ratio(sums[:, 2], nll_counts, **kw)
     per_sample = np.divide(sums[:, 0], counts, out=np.zeros(n_samples), where=counts > 0)
@@ -378,7 +399,7 @@ def _finish_divergence(div_rows: list, n_samples: int, config: AnalyzeConfig) ->
 
 
 def _finish_layers(acc: _Accumulator, spec: Any, config: AnalyzeConfig) -> list[LayerStats]:
-    kw = {"confidence": config.confidence, "n_boot": config.n_boot}
+    kw: dict[str, Any] = {"confidence": config.confidence, "n_boot": config.n_boot}
     per_metric: dict[tuple[str, str], list[Estimate]] = {}
     for modality in MODALITIES:
         if acc.counts[modality].sum() == 0:

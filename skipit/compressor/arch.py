@@ -284,7 +284,7 @@ def _renumber(layers: "torch.nn.ModuleList") -> list[tuple[Any, int]]:
             value = getattr(module, "layer_idx", None)
             if isinstance(value, int) and not isinstance(value, bool):
                 old.append((module, value))
-                module.layer_idx = new_idx
+                module.layer_idx = new_idx  # type: ignore[assignment]  # a plain int, not a submodule
     return old
 
 

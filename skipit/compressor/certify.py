@@ -260,15 +260,17 @@ def certify(
             return run_pass(m, sp, batches, config=cfg, on_batch=lambda k: emit("batch", {"n": k}), **kw)
 
     base = do_pass("calibration", calibration, [], keep_reference=True, block_span=budget if policy.block_candidates else 0)
-    reference = base.reference
+    reference = base.kept_reference
     screen_set = _screen_subset(calibration, reference, policy.screen_fraction)
     n_cal = sum(b.size for b in calibration)
 
     def screen(removed: list[int]) -> float:
-        return do_pass("screen", screen_set[0], removed, reference=screen_set[1], layer_scores=False).divergence.kl.mean
+        return do_pass("screen", screen_set[0], removed, reference=screen_set[1], layer_scores=False).measured.kl.mean
 
     vision = spec.is_vlm and base.tokens["vision"] > 0
-    current, chosen, steps, rejected = base, [], [], set()
+    current, steps = base, []
+    chosen: list[int] = []
+    rejected: set[int] = set()
     current_div: Divergence | None = None
     cross_modal = {ls.index: policy.cross_modal_ok(ls) for ls in base.layers}
     allowed = [i for i in range(n) if i not in protected and cross_modal[i]]
@@ -280,7 +282,7 @@ def certify(
         if not ranking:
             break
         options: dict[tuple[int, ...], tuple[str, int]] = {}
-        for c in sorted(ranking, key=ranking.get)[: policy.probe_width]:
+        for c in sorted(ranking, key=ranking.__getitem__)[: policy.probe_width]:
             options[tuple(sorted(chosen + [c]))] = ("greedy", c)
         block = base.best_block(len(chosen) + 1, allowed) if policy.block_candidates else None
         if block is not None and tuple(block) not in options:
@@ -291,13 +293,13 @@ def certify(
         tries = list(options)
         if len(tries) > policy.verify_top and screen_set[2] < n_cal:
             screened = {t: screen(list(t)) for t in tries}
-            tries = sorted(tries, key=screened.get)[: policy.verify_top]
+            tries = sorted(tries, key=screened.__getitem__)[: policy.verify_top]
         else:  # the calibration split is too small to screen on a part of it
             tries = tries[: policy.verify_top]
         trials = {t: do_pass("calibration", calibration, list(t), reference=reference) for t in tries}
-        best = min(trials, key=lambda t: (trials[t].divergence.kl.hi, ranking.get(options[t][1], 1.0)))
+        best = min(trials, key=lambda t: (trials[t].measured.kl.hi, ranking.get(options[t][1], 1.0)))
         result = trials[best]
-        div = result.divergence
+        div = result.measured
         kind, label = options[best]
         accepted = select.admits(div)
         steps.append(Step(list(best), label, accepted, div.kl.mean, div.kl.hi, div.top1.mean,
@@ -319,21 +321,21 @@ def certify(
     if not chosen:
         raise NothingToRemoveError(_nothing_message(policy, steps, slack=select_slack))
 
-    hold_ref = do_pass("holdout", holdout, [], keep_reference=True, layer_scores=False).reference
+    hold_ref = do_pass("holdout", holdout, [], keep_reference=True, layer_scores=False).kept_reference
     heal_data = build_heal_data(model, spec, calibration, reference, heal_extra, cfg) if healing else None
     healed: dict[str, Any] | None = None
     cast: dict[str, Any] | None = None
     with _cast_twin(model, spec, measure_dtype) as twin:
         if twin is not None:
             cast = {"dtype": measure_dtype, **do_pass("holdout", holdout, [], on=twin, reference=hold_ref,
-                                                      layer_scores=False).divergence.as_dict()}
+                                                      layer_scores=False).measured.as_dict()}
     while chosen:
-        if heal_data is not None:
+        if heal_data is not None and healing is not None:
             healed = _healed_try(do_pass, emit, model, spec, chosen, heal_data, healing, hold_ref, holdout, calibration,
                                  reference, steps)
         with _cast_twin(model, spec, measure_dtype) as twin:  # after healing: the copy holds the healed weights
             verdict = do_pass("holdout", holdout, chosen, on=twin, reference=hold_ref, layer_scores=False)
-        div = verdict.divergence
+        div = verdict.measured
         figures = holdout_figures(div, [d for b in holdout for d in b.domains], policy, cfg)
         bound = figures["bound"]
         emit("verify", {"layers": sorted(chosen), "kl": div.kl.mean, "kl_hi": bound["kl_hi"], "top1": div.top1.mean,
@@ -437,6 +439,8 @@ def _screen_subset(batches: Sequence[Any], reference: list[Any], fraction: float
 
 def _screen_kl(div: Divergence, samples: int) -> float:
     """Mean KL over the first ``samples`` samples of a full pass: what a screen of that set would measure."""
+    if div.sample_sums is None or div.sample_counts is None:
+        raise ValueError("this Divergence has no per-sample sums (run_pass records them)")
     sums, counts = div.sample_sums[:samples, 0], div.sample_counts[:samples, 0]
     return float(sums.sum() / max(counts.sum(), 1))
 
@@ -448,20 +452,20 @@ def _try_swap(policy: CertifyPolicy, select: CertifyPolicy, do_pass: Callable[..
               emit: Callable[[str, dict[str, Any]], None]) -> tuple[PassResult, Divergence, list[int]]:
     """Refine the chosen set: replace its costliest layer by one of the best-ranked others when a screen
     says it helps and a full pass confirms it. Returns the (possibly new) pass, divergence and set."""
-    div = current.divergence
+    div = current.measured
     worst = max(chosen, key=lambda c: cost.get(c, 0.0))
     others = [i for i in allowed if i not in chosen]
     ranking = current.combined(others, vision=vision)
-    partners = sorted(ranking, key=ranking.get)[: policy.swap_width]
+    partners = sorted(ranking, key=ranking.__getitem__)[: policy.swap_width]
     if not partners:
         return current, div, chosen
     swapped = {u: [u if c == worst else c for c in chosen] for u in partners}
     screened = {u: screen(swapped[u]) for u in partners}
-    u = min(screened, key=screened.get)
+    u = min(screened, key=screened.__getitem__)
     if screened[u] >= _screen_kl(div, screen_set[2]):
         return current, div, chosen
     trial = do_pass("calibration", calibration, swapped[u], reference=reference)
-    tdiv = trial.divergence
+    tdiv = trial.measured
     better = tdiv.kl.hi < div.kl.hi and select.admits(tdiv)
     steps.append(Step(sorted(swapped[u]), u, better, tdiv.kl.mean, tdiv.kl.hi, tdiv.top1.mean,
                       ranking[u], "swap"))
@@ -479,10 +483,10 @@ def _healed_try(do_pass: Callable[..., PassResult], emit: Callable[[str, dict[st
 
     Returns the healing record (with the :class:`HealResult` under ``_result`` for undo).
     """
-    before = do_pass("holdout", holdout, chosen, reference=hold_ref, layer_scores=False).divergence
+    before = do_pass("holdout", holdout, chosen, reference=hold_ref, layer_scores=False).measured
     emit("heal_start", {"layers": sorted(chosen), "steps": config.steps, "holdout_kl_before": before.kl.mean})
     result = heal_(model, spec, chosen, data, config, on_step=lambda info: emit("heal_step", info))
-    after_cal = do_pass("calibration", calibration, chosen, reference=reference, layer_scores=False).divergence
+    after_cal = do_pass("calibration", calibration, chosen, reference=reference, layer_scores=False).measured
     before_cal = next((s for s in steps if s.accepted and s.layers == sorted(chosen)), None)
     return {**result.as_dict(), "_result": result, "holdout_before": before.as_dict(),
             "calibration_before": None if before_cal is None else {"kl": before_cal.kl, "kl_hi": before_cal.kl_hi,
@@ -496,7 +500,7 @@ def _conditions(base: PassResult, chosen: list[int], cross_modal: dict[int, bool
     rows = []
     for ls in base.layers:
         text, vision = ls.metrics.get("text", {}), ls.metrics.get("vision", {})
-        row = {"layer": ls.index, "removed": ls.index in chosen, "cross_modal_ok": cross_modal[ls.index]}
+        row: dict[str, Any] = {"layer": ls.index, "removed": ls.index in chosen, "cross_modal_ok": cross_modal[ls.index]}
         for name, est in (("geometric", text.get("cos_dist")), ("proximal", text.get("tail")),
                           ("informational", text.get("lens_kl")), ("vision_geometric", vision.get("cos_dist")),
                           ("vision_attention", text.get("vision_attention"))):

@@ -56,7 +56,7 @@ def capture_vision_attention(spec: Any, vision_keys: Callable[[], Any], record: 
 
     impl = model.config.get_text_config(decoder=True)._attn_implementation or "sdpa"
     mapping = AttentionInterface._global_mapping
-    original = mapping.get(impl)
+    original: Any = mapping.get(impl)
     if original is None:  # e.g. "eager", which models call directly when not registered
         yield False
         return

@@ -156,7 +156,7 @@ def build_heal_data(model: Any, spec: Any, calibration: Sequence[Any], reference
     batches, teacher, sources = list(calibration), list(reference), ["calibration"] * len(calibration)
     if extra:
         extra_ref = run_pass(model, spec, extra, config=config or AnalyzeConfig(), keep_reference=True,
-                             layer_scores=False).reference
+                             layer_scores=False).kept_reference
         batches += list(extra)
         teacher += extra_ref
         sources += ["heal_data"] * len(extra)

@@ -221,7 +221,7 @@ def _dtype(options: LoadOptions) -> Any:
     return "auto" if options.dtype == "auto" else getattr(torch, options.dtype)
 
 
-def processor_class(name: str) -> type:
+def processor_class(name: str) -> Any:
     """``transformers.<name>``, minus its video processor when torchvision is missing.
 
     Qwen2-VL / Qwen2.5-VL processors declare a ``video_processor``; without torchvision (it does not
@@ -406,6 +406,7 @@ def load_model(path: str | Path, options: LoadOptions = LoadOptions()) -> Loaded
     if not source.exists():
         raise ModelLoadError(f"{source} does not exist; give a model directory (config.json + *.safetensors) or a .gguf file")
     gguf_file = None
+    cls: Any
     if source.is_file():
         if source.suffix != ".gguf":
             raise ModelLoadError(f"{source} is a file but not a .gguf; give a model directory or a .gguf file")

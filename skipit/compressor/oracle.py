@@ -55,11 +55,11 @@ def oracle(
     layers = list(range(spec.num_layers)) if layers is None else list(layers)
     if scores is None:
         scores = run_pass(model, spec, calibration, config=config)
-    reference = run_pass(model, spec, holdout, config=config, keep_reference=True, layer_scores=False).reference
+    reference = run_pass(model, spec, holdout, config=config, keep_reference=True, layer_scores=False).kept_reference
     damage = {}
     for layer in layers:
         with spec.skipping([layer]):
-            div = run_pass(model, spec, holdout, config=config, reference=reference, layer_scores=False).divergence
+            div = run_pass(model, spec, holdout, config=config, reference=reference, layer_scores=False).measured
         damage[layer] = {"kl": div.kl.mean, "kl_hi": div.kl.hi, "top1": div.top1.mean}
         if on_pass:
             on_pass(layer)

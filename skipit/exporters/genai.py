@@ -93,7 +93,7 @@ def genai_config(model_config: dict[str, Any], generation_config: dict[str, Any]
     bos = _first(gen.get("bos_token_id"), cfg.get("bos_token_id"), model_config.get("bos_token_id"))
     model_type = cfg.get("model_type") or model_config.get("model_type") or "decoder"
 
-    graph_inputs = {name: name for name in ("input_ids", "attention_mask", "position_ids") if name in inputs}
+    graph_inputs: dict[str, str] = {name: name for name in ("input_ids", "attention_mask", "position_ids") if name in inputs}
     graph_inputs.update({"past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"})
     model: dict[str, Any] = {
         "bos_token_id": bos,

@@ -319,7 +319,8 @@ def _plan_replacements(reader: Any, plan: _Plan, source: Path, replace: Mapping[
                               f"holds {list(shape)}; {_NUMBERING}")
         values = np.ascontiguousarray(transforms.to_gguf(gname, hf_values, block), dtype=np.float32)
         before = dequantize(t.data, t.tensor_type, gguf)
-        other = tensors.get(f"blk.{kept[block]}.{m.group(2)}") if m and block < len(kept) else None  # type: ignore[operator]
+        slipped = kept[block] if m is not None and block is not None and block < len(kept) else None
+        other = tensors.get(f"blk.{slipped}.{m.group(2)}") if m is not None and slipped is not None else None
         if other is not None and other.name != gname and values.ndim >= 2 and list(other.shape) == list(t.shape):
             # the likely slip: a slim-model name (slim block j is original block kept[j]) passed as if original.
             # Training moves a tensor by a few percent; another block's tensor is about as far as its own norm
@@ -327,7 +328,7 @@ def _plan_replacements(reader: Any, plan: _Plan, source: Path, replace: Mapping[
                     float(np.square(values - before).sum()) / 16:
                 raise ExportError(
                     f"replace[{hf_name!r}] is far closer to {other.name} of {source.name} than to {gname}: it looks like the "
-                    f"slim model's layer {block} (original block {kept[block]}) passed under its slim name; {_NUMBERING}")
+                    f"slim model's layer {block} (original block {slipped}) passed under its slim name; {_NUMBERING}")
         target = t.tensor_type
         if wanted is not None and values.ndim >= 2:  # 1-D tensors (norms, biases) keep their type, F32 as a rule
             block_size = gguf.GGML_QUANT_SIZES[wanted][0]

@@ -81,7 +81,7 @@ def conditions_section(manifest: dict[str, Any], plots: set[str]) -> Section:
             "Verified KL is the upper confidence bound of the end-to-end KL measured when the layer was "
             "actually removed during selection (— where it was never tried). Error bars in the plots are "
             "bootstrap intervals over samples; removed layers are red, protected layers grey.")
-    shown = [p for p in ("text_scores", "vision_scores") if p in plots]
+    shown: list[str] = [p for p in ("text_scores", "vision_scores") if p in plots]
     return Section("Conditions per layer", text, manifest["certificate"]["conditions"], columns, "removed", shown)
 
 

@@ -114,9 +114,10 @@ class OrtVlmRunner:
         self.config = json.loads(config_path.read_text())
         self.architecture = (self.config.get("architectures") or [""])[0]
         keys = (REGISTRY.get(self.architecture) or ArchSpec(self.architecture)).image_token_keys
-        self.image_token_id = next((self.config[k] for k in keys if isinstance(self.config.get(k), int)), None)
-        if self.image_token_id is None:
+        image_token_id = next((self.config[k] for k in keys if isinstance(self.config.get(k), int)), None)
+        if image_token_id is None:
             raise ExportError(f"{config_path} names no image token ({' / '.join(keys)})")
+        self.image_token_id: int = image_token_id
         self.video_token_id = self.config.get("video_token_id")
         self.spatial_merge_size = int((self.config.get("vision_config") or {}).get("spatial_merge_size") or 1)
 
@@ -128,6 +129,8 @@ class OrtVlmRunner:
         self.num_layers = len(layers)
         self.mrope = len(dec_inputs["position_ids"].shape) == 3
         kv = dec_inputs.get("past_key_values.0.key")
+        self.kv_heads: int
+        self.head_dim: int
         self.kv_heads, self.head_dim = (kv.shape[1], kv.shape[3]) if kv is not None else (0, 0)
         self.float_type = ORT_DTYPES.get(dec_inputs["inputs_embeds"].type, "float32")
         self.vocab_size = self.decoder.get_outputs()[0].shape[-1]

@@ -225,12 +225,12 @@ def generation_parity(original: Any, slim: Any, samples: Sequence[Any], processo
     result = GenerationParity(token_match, sequence_match, config.new_tokens, len(prompts),
                               tokens_original=gen_o, tokens_slim=gen_s)
     if answered and config.accuracy is not False:
-        idx = [i for i, p in enumerate(prompts) if p.answer is not None]
-        right = np.array([[answer_matches(tokenizer.decode(g[i], skip_special_tokens=True), prompts[i].answer)
-                           for g in (gen_o, gen_s)] for i in idx], dtype=float)
-        acc = bootstrap_ratio(np.column_stack([right, right[:, 1] - right[:, 0]]), np.ones(len(idx)), **config._boot)
+        answers = [(i, p.answer) for i, p in enumerate(prompts) if p.answer is not None]
+        right = np.array([[answer_matches(tokenizer.decode(g[i], skip_special_tokens=True), answer)
+                           for g in (gen_o, gen_s)] for i, answer in answers], dtype=np.float64)
+        acc = bootstrap_ratio(np.column_stack([right, right[:, 1] - right[:, 0]]), np.ones(len(answers)), **config._boot)
         result.accuracy_original, result.accuracy_slim, result.accuracy_delta = acc
-        result.answered = len(idx)
+        result.answered = len(answers)
     return result
 
 

@@ -165,8 +165,11 @@ def measure_speed(
     ids = np.random.default_rng(seed).integers(0, vocab, size=(1, max(*seq_lens, prompt_len)), dtype=np.int64)
     schedule: list[dict[str, Any]] = []
     rounds = warmup + repeats
-    prefill = {n: _interleaved(runners, rounds, warmup, {"phase": "prefill", "seq_len": n},
-                               lambda r, n=n: r.prefill(ids[:, :n]), schedule) for n in seq_lens}
+    def prefill_of(n: int) -> Callable[[Runner], float]:
+        return lambda r: r.prefill(ids[:, :n])
+
+    prefill = {n: _interleaved(runners, rounds, warmup, {"phase": "prefill", "seq_len": n}, prefill_of(n), schedule)
+               for n in seq_lens}
     decode = _interleaved(runners, rounds, warmup, {"phase": "decode", "seq_len": prompt_len},
                           lambda r: r.decode(ids[:, :prompt_len], decode_tokens) / decode_tokens,
                           schedule) if decode_tokens else {}

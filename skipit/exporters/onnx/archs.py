@@ -81,6 +81,13 @@ class OnnxConfig:
     def is_vlm(self) -> bool:
         return bool(self.vision_inputs)
 
+    def vision_examples(self, model: Any) -> Examples:
+        """``dummy_vision_inputs(model)``: (trace inputs, verification inputs) of the vision graph."""
+        if self.dummy_vision_inputs is None:
+            raise UnsupportedArchitectureError(
+                "this architecture's ONNX record has vision_inputs but no dummy_vision_inputs; add one to its record")
+        return self.dummy_vision_inputs(model)
+
     def routes_for(self, architecture: str, graph: str, config: "OnnxExportConfig") -> list[str]:
         """Exporters to try for one graph: the requested one where the record offers it, else the record's."""
         import logging

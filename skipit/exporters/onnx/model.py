@@ -57,6 +57,9 @@ def load_for_export(model_dir: Path, config: OnnxExportConfig) -> tuple[Any, str
     arch, record = export_record(model_dir)
     cls = getattr(transformers, arch, None) if record.is_vlm and arch else transformers.AutoModelForCausalLM
     what = arch if record.is_vlm else "a causal LM"
+    if cls is None:
+        raise ModelLoadError(f"cannot load {model_dir} as {what} for ONNX export: this transformers "
+                             f"({transformers.__version__}) has no class {arch}; install a release that has it")
     try:
         model = cls.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=config.attn_implementation,
                                     **load_overrides(model_dir))
@@ -120,7 +123,7 @@ def build_cache(past: Sequence[tuple["torch.Tensor", "torch.Tensor"]]) -> Any:
             self.is_initialized = True
 
         def get_seq_length(self) -> int:
-            return self.keys.shape[-2]
+            return self.keys.shape[-2]  # type: ignore[union-attr]  # set in __init__, never None here
 
     cache = DynamicCache()
     cache.layers = [_TracedLayer(k, v) for k, v in past]

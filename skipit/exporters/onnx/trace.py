@@ -105,6 +105,8 @@ def _dynamo(graph: Graph, config: OnnxExportConfig) -> Any:
         opset_version=config.opset, optimize=True, verbose=False,
         custom_translation_table=dynamo_translations(),
     )
+    if program is None:  # torch returns None only when asked to write a file, which this call does not
+        raise ExportError(f"torch.onnx.export returned no program for {graph.file}")
     return program.model
 
 
@@ -218,7 +220,8 @@ def dynamo_translations() -> dict[Any, Any]:
         constant = all(isinstance(x, (int, float)) for x in args) and not all(isinstance(x, int) for x in args)
         if not constant or dtype not in float_dtypes:
             return aten_arange_start_step(start, end, step, dtype, layout, device, pin_memory)
-        return op.Constant(value=ir.tensor(torch.arange(start, end, step, dtype=float_dtypes[dtype]).numpy()))
+        value = ir.tensor(torch.arange(start, end, step, dtype=float_dtypes[dtype]).numpy())
+        return op.Constant(value=value)  # type: ignore[arg-type]  # onnxscript accepts its own ir tensors
 
     return {torch.ops.aten.arange.start_step: arange_start_step}
 

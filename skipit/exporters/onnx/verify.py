@@ -11,6 +11,8 @@ or an input a graph cannot serve raises :class:`~skipit.errors.ExportMismatchErr
 
 from __future__ import annotations
 
+import functools
+
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,7 +128,7 @@ def verify_vlm(model: Any, model_dir: Path, arch: str, record: OnnxConfig, geo: 
 
     runner = OrtVlmRunner(onnx_dir.parent, onnx_dir=onnx_dir)
     errors = Errors(config)
-    _, synthetic = record.dummy_vision_inputs(model)
+    _, synthetic = record.vision_examples(model)
     for i, inputs in enumerate(synthetic):
         _check_vision(model, record, runner, inputs, errors, f"synthetic vision input {i + 1}")
     ids = decoder_example(geo, torch.float32, 2, 6, 0, seed=1)[0]
@@ -141,7 +143,7 @@ def verify_vlm(model: Any, model_dir: Path, arch: str, record: OnnxConfig, geo: 
             ref = model(**inputs).logits.float().numpy()
         ids_np, mask = inputs["input_ids"].numpy(), inputs["attention_mask"].numpy()
         got = served(f"{what} ({_shapes(inputs, ('input_ids', *record.vision_inputs))})",
-                     lambda ids_np=ids_np, inputs=inputs, mask=mask: runner.prefill(ids_np, inputs, mask)[0])
+                     functools.partial(runner.prefill, ids_np, inputs, mask))[0]
         errors.add("image+text prefill", got, ref, what)
     return errors.raise_on_mismatch()
 

@@ -105,9 +105,13 @@ def _vision_wrapper(model: Any, record: OnnxConfig) -> "torch.nn.Module":
             self.model = model
 
         def forward(self, pixel_values: torch.Tensor, aux: torch.Tensor | None = None) -> torch.Tensor:
+            kwargs: dict[str, Any] = {}
             if record.tower:
                 tower = resolve(self.model, record.tower)
-                kwargs = qwen_grid_kwargs(aux, pixel_values.shape[0], merge, window_merged) if record.qwen_grid else {}
+                if record.qwen_grid:
+                    if aux is None:
+                        raise ExportError(f"{record.tower} needs its grid input ({names[1:]}) beside pixel_values")
+                    kwargs = qwen_grid_kwargs(aux, pixel_values.shape[0], merge, window_merged)
                 out = tower(pixel_values.to(tower.dtype), grid_thw=aux, return_dict=True, **kwargs)
             else:
                 if record.fold_batch:
@@ -141,7 +145,7 @@ def _graphs(model: Any, arch: str, record: OnnxConfig, geo: KvGeometry, dtype: "
             config: OnnxExportConfig) -> list[Graph]:
     import torch
 
-    trace_vision, _ = record.dummy_vision_inputs(model)
+    trace_vision, _ = record.vision_examples(model)
     vision_args = tuple(_cast(trace_vision[n], dtype) for n in record.vision_inputs)
     vision_axes = {**{k: dict(v) for k, v in record.vision_inputs.items()}, "image_features": {0: IMAGE_TOKENS}}
     ids = torch.randint(0, geo.vocab_size, (EXAMPLE_BATCH, EXAMPLE_SEQ), generator=torch.Generator().manual_seed(0))
@@ -209,7 +213,7 @@ def export_vlm(
         raise UnsupportedArchitectureError(
             f"{arch!r} has no split-graph ONNX export; supported VLMs: {', '.join(supported_vlm_architectures())}. "
             f"Text decoders export with skipit.exporters.onnx.export_text_decoder")
-    model, arch, record = load_for_export(model_dir, config)
+    model, _, record = load_for_export(model_dir, config)
     geo = kv_geometry(model)
     dtype = torch.float16 if config.dtype == "fp16" else torch.float32
     traced = copy.deepcopy(model).to(dtype) if config.dtype == "fp16" else model

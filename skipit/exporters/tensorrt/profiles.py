@@ -87,6 +87,12 @@ class ProfileSpec:
         self._validate()
 
     @property
+    def opt_shape(self) -> Shape:
+        """``opt``, which ``__post_init__`` always sets (to the midpoint when not given)."""
+        assert self.opt is not None
+        return self.opt
+
+    @property
     def kind(self) -> str:
         """``"prefill"`` or ``"decode"``, from the name."""
         return next(k for k in _KINDS if self.name.startswith(k))
@@ -100,15 +106,15 @@ class ProfileSpec:
                 f"profile name {self.name!r} must start with 'prefill' or 'decode' (it decides how the KV "
                 f"cache is sized: prefill = empty cache, decode = up to --max-context tokens); "
                 f"write e.g. {PROFILE_EXAMPLE}")
-        for point in (self.min, self.opt, self.max):
+        for point in (self.min, self.opt_shape, self.max):
             for axis, value in zip(("batch", "sequence"), point):
                 if value < 1:
                     raise InvalidOptionError(
                         f"profile {self.name!r}: {axis} {value} in {point} — TensorRT profiles need every "
                         f"dimension ≥ 1 (write {self.name}=1x1..{max(self.max.batch, 1)}x{max(self.max.seq, 1)}); "
                         f"an empty KV cache is fed as one masked dummy slot, see with_dummy_past()")
-        for axis in range(2):
-            lo, mid, hi = self.min[axis], self.opt[axis], self.max[axis]
+        for i in range(2):
+            lo, mid, hi = self.min[i], self.opt_shape[i], self.max[i]
             if lo > hi:
                 raise InvalidOptionError(
                     f"profile {self.name!r}: min {self.min} is above max {self.max}; write the smaller "
@@ -220,8 +226,8 @@ def role_ranges(spec: ProfileSpec, max_context: int) -> dict[str, tuple[int, int
         raise InvalidOptionError(
             f"profile {spec.name!r} goes up to {spec.max.seq} tokens but max_context is {max_context}; "
             f"lower the profile's sequence maximum or raise --max-context")
-    batch = (spec.min.batch, spec.opt.batch, spec.max.batch)
-    seq = (spec.min.seq, spec.opt.seq, spec.max.seq)
+    batch = (spec.min.batch, spec.opt_shape.batch, spec.max.batch)
+    seq = (spec.min.seq, spec.opt_shape.seq, spec.max.seq)
     if spec.kind == "prefill":
         past = (1, 1, 1)  # the masked dummy slot, see with_dummy_past()
     else:
