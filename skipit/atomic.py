@@ -1,6 +1,7 @@
 """Writing next to a user's files without ever losing one of them.
 
-* :func:`write_atomic` — one file: a temporary file beside it, then ``os.replace``.
+* :func:`write_atomic` — one file: a temporary file beside it, then ``os.replace``; :func:`atomic_file`
+  the same for a writer that wants a path (e.g. gguf's), with a check before the rename.
 * :class:`OutputDir` — a whole output directory (``skipit-compress``'s ``OUT_DIR``):
 
   - a lock file ``.OUT.skipit-lock`` beside ``OUT`` is held (``flock``) from before loading to the
@@ -26,7 +27,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Iterable
+from typing import IO, Iterable, Iterator
 
 from skipit.errors import InvalidOptionError, OutputExistsError
 
@@ -35,21 +36,31 @@ log = logging.getLogger(__name__)
 TMP_TAG, OLD_TAG, LOCK_TAG, NEW_TAG = ".skipit-tmp-", ".skipit-old", ".skipit-lock", ".skipit-new"
 
 
-def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file beside it: readers see old or new, never half."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write (and check); when the block ends without an error it
+    becomes ``path`` (``os.replace``: readers see old or new, never half), as readable as the umask allows
+    (``mkstemp`` creates 0600); on an error it is removed and ``path`` left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode() if isinstance(data, str) else data)
+        yield tmp
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    return path
+
+
+def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file beside it: readers see old or new, never half."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    return Path(path)
 
 
 def _umask() -> int:

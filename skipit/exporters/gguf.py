@@ -37,11 +37,11 @@ import logging
 import numbers
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from skipit.atomic import atomic_file
 from skipit.errors import BackendUnavailableError, ExportError
 
 log = logging.getLogger(__name__)
@@ -449,20 +449,9 @@ def export_gguf(source_gguf: str | os.PathLike, removed: Sequence[int], out_path
         log.warning("%s: metadata field %s is an empty array, which gguf's writer cannot write; it is left out",
                     source.name, key)
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_file(out_path) as tmp:
         _write(reader, plan, replaced, tmp, gguf)
         _check_written(reader, plan, replaced, tmp, gguf)
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o666 & ~umask)  # mkstemp creates 0600; a model file is as readable as any other output
-        os.replace(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     result = GgufExport(
         path=out_path, architecture=plan.arch, block_count_before=plan.n_blocks, block_count_after=len(plan.kept),
         removed=tuple(i for i in range(plan.n_blocks) if i not in plan.kept), tensors=len(plan.renamed),
