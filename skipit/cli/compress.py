@@ -26,12 +26,15 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 def add_common(p: argparse.ArgumentParser) -> None:
     """Model loading and calibration-data options shared by ``compress`` and ``analyze``."""
+    from skipit.compressor.analyze import AnalyzeConfig
+    from skipit.compressor.loading import LoadOptions
     from skipit.pipeline import DataOptions
 
     g = p.add_argument_group("model loading")
-    g.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 … (default: cpu)")
-    g.add_argument("--dtype", default="float32", type=dtype_arg,
-                   help="weights dtype during measurement: float32, float16, bfloat16, auto (default: float32)")
+    g.add_argument("--device", default=LoadOptions.device,
+                   help=f"torch device: cpu, cuda, cuda:1 … (default: {LoadOptions.device})")
+    g.add_argument("--dtype", default=LoadOptions.dtype, type=dtype_arg,
+                   help=f"weights dtype during measurement: float32, float16, bfloat16, auto (default: {LoadOptions.dtype})")
     g.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model dir")
     g.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights")
     g = p.add_argument_group("calibration data")
@@ -41,7 +44,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=DataOptions.batch_size)
     g.add_argument("--max-length", type=int, default=DataOptions.max_length,
                    help=f"longest text sample in tokens; shorter texts keep their own length (default: {DataOptions.max_length})")
-    g.add_argument("--eps", type=float, default=0.1, help="cosine-distance threshold of the proximal condition")
+    g.add_argument("--eps", type=float, default=AnalyzeConfig.eps,
+                   help="cosine-distance threshold of the proximal condition")
     add_output_flags(p)
 
 
