@@ -183,7 +183,7 @@ def compress(model_path: str | Path, out_dir: str | Path, options: CompressOptio
         exports = _export(tmp, options, emit)
         if options.validate:
             emit("stage", {"name": "validating on the untouched test split"})
-        validation = _validate(model_path, tmp, options, emit) if options.validate else None
+        validation = _validate(model_path, tmp, options, emit, manifest, data) if options.validate else None
         emit("stage", {"name": "writing report.md / report.html"})
         write_report(tmp, manifest, validation=validation.as_dict() if validation else None,
                      speed=validation.speed.as_dict() if validation and validation.speed else None)
@@ -242,16 +242,17 @@ def _export(tmp: Path, options: CompressOptions, emit: Progress) -> dict[str, An
     return out
 
 
-def _validate(model_path: str | Path, tmp: Path, options: CompressOptions, emit: Progress) -> Any:
-    """``--validate``: the CI gate on the untouched test split (and ONNX parity when exported)."""
-    from skipit.validators.gate import GateConfig, validate
+def _validate(model_path: str | Path, tmp: Path, options: CompressOptions, emit: Progress, manifest: dict[str, Any],
+              data: Any) -> Any:
+    """``--validate``: the CI gate on the untouched test split (and ONNX parity when exported), given the
+    manifest and the calibration set in memory (:class:`skipit.validators.gate.Certified`)."""
+    from skipit.validators.gate import Certified, GateConfig, validate
     from skipit.validators.parity import ParityConfig
 
     onnx = tmp / "onnx" if "onnx" in options.export else None
     d = options.data
-    config = GateConfig(data=d.path, limit=d.limit, onnx=onnx, load=options.load,
-                        parity=ParityConfig(batch_size=d.batch_size, max_length=d.max_length))
-    return validate(model_path, tmp, config, progress=emit)
+    config = GateConfig(onnx=onnx, load=options.load, parity=ParityConfig(batch_size=d.batch_size, max_length=d.max_length))
+    return validate(model_path, tmp, config, progress=emit, certified=Certified(manifest, data))
 
 
 def analyze_model(model_path: str | Path, options: CompressOptions = CompressOptions(),

@@ -198,6 +198,23 @@ def _slim_dirs(slim_path: Path) -> tuple[Path, Path | None]:
     return slim_path, manifest if manifest.is_file() else None
 
 
+@dataclass(frozen=True)
+class Certified:
+    """What ``skipit-compress --validate`` hands the gate in memory instead of the gate reading it back: the
+    manifest just built (the certified bound, the removed layers, the longest certified context) and the
+    calibration set with its splits as certification drew them (``CalibrationSet``)."""
+
+    manifest: dict[str, Any]
+    data: Any
+
+
+def _split_info(data: Any, config: GateConfig, same: bool | None) -> tuple[list[Any], dict[str, Any]]:
+    samples = data.samples if config.split == "all" else data.split(config.split)
+    info = {"source": data.source, "description": data.description, "split": config.split, "samples": len(samples),
+            "matches_manifest": same}
+    return samples, info
+
+
 def _data(config: GateConfig, manifest: dict[str, Any] | None, with_images: bool) -> tuple[list[Any], dict[str, Any]]:
     """The evaluation samples and a JSON-able description of where they came from."""
     from skipit.compressor.calibration import load_calibration
@@ -221,10 +238,7 @@ def _data(config: GateConfig, manifest: dict[str, Any] | None, with_images: bool
                     "samples the layers were chosen on", config.split)
     if same and recorded.get("split_indices"):
         data.splits = {k: list(v) for k, v in recorded["split_indices"].items()}
-    samples = data.samples if config.split == "all" else data.split(config.split)
-    info = {"source": data.source, "description": data.description, "split": config.split, "samples": len(samples),
-            "matches_manifest": same if recorded else None}
-    return samples, info
+    return _split_info(data, config, same if recorded else None)
 
 
 def vocab_size(model: Any) -> int:
@@ -419,9 +433,12 @@ def _context_check(samples: Sequence[Any], processor: Any, config: GateConfig,
 
 
 def validate(original_path: str | Path, slim_path: str | Path, config: GateConfig = GateConfig(),
-             progress: Progress | None = None) -> ValidationReport:
+             progress: Progress | None = None, certified: Certified | None = None) -> ValidationReport:
     """Check ``slim_path`` against ``original_path``; see the module docstring. Never raises on a failed
-    check (that is ``report.exit_code``); raises :class:`~skipit.errors.SkipitError` on bad input."""
+    check (that is ``report.exit_code``); raises :class:`~skipit.errors.SkipitError` on bad input.
+
+    ``certified`` (from ``skipit-compress --validate``): the manifest and calibration set in memory, used
+    instead of the manifest beside ``slim_path`` and ``config.data`` / ``config.limit``."""
     from skipit.compressor.arch import decoder_spec
     from skipit.compressor.hub import resolve_model
     from skipit.compressor.loading import load_model
@@ -437,9 +454,12 @@ def validate(original_path: str | Path, slim_path: str | Path, config: GateConfi
         emit("stage", {"name": f"loading lm-eval tasks {', '.join(config.lm_eval.tasks)}"})
         tasks = prepare_tasks(config.lm_eval)
     slim_dir, manifest_path = _slim_dirs(Path(slim_path))
-    manifest = read_manifest(manifest_path.parent) if manifest_path else None
+    if certified is not None:
+        manifest: dict[str, Any] | None = certified.manifest
+    else:
+        manifest = read_manifest(manifest_path.parent) if manifest_path else None
     removed = (manifest or {}).get("layers", {}).get("removed")
-    certified = ((manifest or {}).get("thresholds") or {}).get("max_kl")
+    certified_kl = ((manifest or {}).get("thresholds") or {}).get("max_kl")
     emit("stage", {"name": f"loading {original_path} and {slim_dir}"})
     source = resolve_model(original_path, revision=config.revision, cache_dir=config.cache_dir,
                            allow_pickle=config.load.allow_pickle, trust_remote_code=config.load.trust_remote_code)
@@ -447,7 +467,10 @@ def validate(original_path: str | Path, slim_path: str | Path, config: GateConfi
     check_same_vocabulary(original, slim)
     if config.onnx is not None:
         check_onnx_vocabulary(Path(config.onnx), slim)
-    samples, data_info = _data(config, manifest, decoder_spec(original.model).is_vlm)
+    if certified is not None:
+        samples, data_info = _split_info(certified.data, config, True)
+    else:
+        samples, data_info = _data(config, manifest, decoder_spec(original.model).is_vlm)
     data_info.update(_context_check(samples, original.processor, config, manifest))
     emit("stage", {"name": f"checking that {slim_dir}'s tokenizer encodes the data as the original's does"})
     check_same_encoding(original, slim, samples, config)
@@ -455,7 +478,7 @@ def validate(original_path: str | Path, slim_path: str | Path, config: GateConfi
     # The slim processor encodes `samples` exactly as the original's (checked above): one encoding serves both.
     parity = check_parity(original.model, slim.model, samples, slim.processor, config.parity, emit,
                           label=config.split, removed=removed or ())
-    checks = _parity_checks(parity, config, certified)
+    checks = _parity_checks(parity, config, certified_kl)
     onnx = speed = None
     if config.onnx is not None:
         emit("stage", {"name": f"ONNX Runtime vs torch on {config.onnx}"})
