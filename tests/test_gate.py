@@ -141,3 +141,18 @@ def test_report_paths_name_the_final_output_not_the_staging_folder(tmp_path: Pat
     assert final_path(tmp_path / ".out.skipit-tmp-k2j4x" / "model") == str(tmp_path / "out" / "model")
     assert final_path(tmp_path / ".out.skipit-tmp-k2j4x" / "onnx" / "onnx") == str(tmp_path / "out" / "onnx" / "onnx")
     assert final_path(tmp_path / "out" / "model") == str(tmp_path / "out" / "model")
+
+
+def test_certified_in_memory_is_what_the_gate_uses(setup):
+    """skipit-compress --validate hands over its manifest and calibration set (``Certified``): the gate checks
+    the bound and the test split given in memory, not the manifest beside the model nor a reload of the data."""
+    from skipit.validators.gate import Certified
+
+    original, out, data = setup
+    calib = load_calibration(data, seed=3)  # a split the gate would not draw from the file by itself
+    manifest = {"layers": {"removed": [2]}, "thresholds": {"max_kl": 10.0}, "calibration": calib.describe()}
+    report = validate(original, out, GateConfig(**FAST), certified=Certified(manifest, calib))
+    assert report.data["samples"] == len(calib.split("test")) and report.data["matches_manifest"] is True
+    kl = next(c for c in report.checks if c.name.startswith("kl"))
+    assert kl.bound == 10.0 and report.passed  # the file's manifest says 1e-9, which would fail
+    assert report.removed == [2]
