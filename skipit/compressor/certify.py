@@ -22,7 +22,9 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterator, Sequence
 
 from skipit.compressor.analyze import AnalyzeConfig, Divergence, PassResult, run_pass
+from skipit.compressor.calibration import BatchPrefix, batch_domains, count_samples
 from skipit.compressor.heal import HealConfig, HealData, heal_
+from skipit.compressor.reference import Chain
 from skipit.errors import InvalidOptionError, NothingToRemoveError
 
 log = logging.getLogger(__name__)
@@ -238,7 +240,7 @@ def certify(
     def do_pass(split: str, batches: Sequence[Any], removed: list[int], on: tuple[Any, Any] | None = None,
                 **kw: Any) -> PassResult:
         passes[split] += 1
-        emit("pass_start", {"split": split, "removed": list(removed), "samples": sum(b.size for b in batches)})
+        emit("pass_start", {"split": split, "removed": list(removed), "samples": count_samples(batches)})
         m, sp = on or (model, spec)
         with sp.skipping(removed):
             return run_pass(m, sp, batches, config=cfg, on_batch=lambda k: emit("batch", {"n": k}), **kw)
@@ -246,7 +248,7 @@ def certify(
     base = do_pass("calibration", calibration, [], keep_reference=True, block_span=budget if policy.block_candidates else 0)
     reference = base.reference
     screen_set = _screen_subset(calibration, reference, policy.screen_fraction)
-    n_cal = sum(b.size for b in calibration)
+    n_cal = count_samples(calibration)
 
     def screen(removed: list[int]) -> float:
         return do_pass("screen", screen_set[0], removed, reference=screen_set[1], layer_scores=False).divergence.kl.mean
@@ -318,7 +320,7 @@ def certify(
         with _cast_twin(model, spec, measure_dtype) as twin:  # after healing: the copy holds the healed weights
             verdict = do_pass("holdout", holdout, chosen, on=twin, reference=hold_ref, layer_scores=False)
         div = verdict.divergence
-        figures = holdout_figures(div, [d for b in holdout for d in b.domains], policy, cfg)
+        figures = holdout_figures(div, batch_domains(holdout), policy, cfg)
         bound = figures["bound"]
         emit("verify", {"layers": sorted(chosen), "kl": div.kl.mean, "kl_hi": bound["kl_hi"], "top1": div.top1.mean,
                         "healed": healed is not None, "bound": bound["kind"], "domain": bound.get("domain")})
@@ -363,14 +365,41 @@ def _cast_twin(model: Any, spec: Any, dtype: str | None) -> Iterator[tuple[Any, 
     from skipit.compressor.arch import decoder_spec
     from skipit.compressor.dtypes import cast_weights_
 
-    if dtype is None or getattr(torch, dtype) == next(model.parameters()).dtype:
+    target = None if dtype is None else getattr(torch, dtype)
+    if target is None or target == next(model.parameters()).dtype:
         yield None
         return
-    twin = cast_weights_(copy.deepcopy(model), dtype)
+    # Each parameter is copied straight into the target dtype (the memo hands deepcopy the cast copies): the
+    # twin costs its own size only, never a second full-precision copy. Tied weights stay tied (one entry);
+    # a dispatched model's accelerate hooks are copied with it, and weights offloaded to disk stay there
+    # (meta tensors in the model; the hooks load them and cast them to the parameter's dtype).
+    memo: dict[int, Any] = {id(t): t for t in _offloaded_tensors(model)}  # shared, not copied
+    with torch.no_grad():
+        for param in model.parameters():
+            if id(param) not in memo and param.is_floating_point() and param.dtype != target:
+                memo[id(param)] = torch.nn.Parameter(param.detach().to(target), requires_grad=param.requires_grad)
+    twin = cast_weights_(copy.deepcopy(model, memo), dtype)
+    del memo
     try:
         yield twin, decoder_spec(twin)
     finally:
         del twin
+
+
+def _offloaded_tensors(model: Any) -> list[Any]:
+    """The tensors accelerate keeps for offloaded modules (its hooks' ``weights_map``: CPU copies, or disk
+    memory maps): a copy of the model may share them, since hooks only read them."""
+    import torch
+
+    found = []
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            weights = getattr(h, "weights_map", None)
+            state = getattr(getattr(weights, "dataset", weights), "state_dict", None)
+            if isinstance(state, dict):
+                found += [t for t in state.values() if isinstance(t, torch.Tensor)]
+    return found
 
 
 def holdout_figures(div: Divergence, domains: Sequence[str | None], policy: CertifyPolicy,
@@ -397,26 +426,11 @@ def holdout_figures(div: Divergence, domains: Sequence[str | None], policy: Cert
             "bound": bound}
 
 
-def _screen_subset(batches: Sequence[Any], reference: list[Any], fraction: float) -> tuple[list[Any], list[Any], int]:
-    """The first ``fraction`` of the calibration *samples* (a batch is cut where needed) with their reference."""
-    from dataclasses import replace as _replace
-
-    want = max(1, round(fraction * sum(b.size for b in batches)))
-    out_b, out_r, taken = [], [], 0
-    for batch, ref in zip(batches, reference):
-        if taken >= want:
-            break
-        rows = min(batch.size, want - taken)
-        if rows < batch.size:
-            cut = {k: v[:rows] if hasattr(v, "shape") and v.shape[:1] == (batch.size,) else v for k, v in batch.inputs.items()}
-            n_text = int(batch.text_mask[:rows].sum())
-            batch = _replace(batch, inputs=cut, text_mask=batch.text_mask[:rows], vision_mask=batch.vision_mask[:rows],
-                             sample_ids=batch.sample_ids[:rows], domains=batch.domains[:rows])
-            ref = (ref[0][:n_text], ref[1][:n_text])
-        out_b.append(batch)
-        out_r.append(ref)
-        taken += rows
-    return out_b, out_r, taken
+def _screen_subset(batches: Sequence[Any], reference: Any, fraction: float) -> tuple[Sequence[Any], Any, int]:
+    """The first ``fraction`` of the calibration *samples* (a batch is cut where needed) with their reference;
+    both read through to the full split and its :class:`~skipit.compressor.reference.ReferenceStore`."""
+    head = BatchPrefix(batches, max(1, round(fraction * count_samples(batches))))
+    return head, reference.cut(len(head), head.last_rows), head.n_samples
 
 
 def _screen_kl(div: Divergence, samples: int) -> float:
@@ -459,13 +473,11 @@ def _try_swap(policy: CertifyPolicy, select: CertifyPolicy, do_pass: Callable[..
 def _heal_data(model: Any, spec: Any, calibration: Sequence[Any], reference: list[Any], extra: Sequence[Any],
                cfg: AnalyzeConfig) -> HealData:
     """Healing batches with the original's log-probs: the calibration split's (already measured) + ``extra``."""
-    batches, teacher, sources = list(calibration), list(reference), ["calibration"] * len(calibration)
-    if extra:
-        extra_ref = run_pass(model, spec, extra, config=cfg, keep_reference=True, layer_scores=False).reference
-        batches += list(extra)
-        teacher += extra_ref
-        sources += ["heal_data"] * len(extra)
-    return HealData(batches, teacher, sources)
+    sources = ["calibration"] * len(calibration)
+    if not extra:
+        return HealData(calibration, reference, sources)
+    extra_ref = run_pass(model, spec, extra, config=cfg, keep_reference=True, layer_scores=False).reference
+    return HealData(Chain(calibration, extra), Chain(reference, extra_ref), sources + ["heal_data"] * len(extra))
 
 
 def _healed_try(do_pass: Callable[..., PassResult], emit: Callable[[str, dict[str, Any]], None], model: Any, spec: Any,

@@ -156,6 +156,7 @@ def heal_(model: Any, spec: Any, removed: Sequence[int], data: HealData, config:
     """
     import torch
 
+    check_trainable(model)
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     order_rng = random.Random(config.seed)
@@ -193,8 +194,9 @@ def heal_(model: Any, spec: Any, removed: Sequence[int], data: HealData, config:
                 b = order.pop()
                 batch, (teacher_logp, _) = data.batches[b], data.teacher[b]
                 logits = model(**batch.inputs, use_cache=False).logits
-                logp = torch.log_softmax(logits.float()[batch.text_mask], dim=-1)
-                target = teacher_logp.float().clone()  # a normal tensor: inference tensors cannot be saved for backward
+                logp = torch.log_softmax(logits.float()[batch.text_mask.to(logits.device)], dim=-1)
+                # a normal tensor (inference tensors cannot be saved for backward), read from the reference file
+                target = teacher_logp.to(logp.device).float().clone()
                 loss = (target.exp() * (target - logp)).sum(-1).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -215,6 +217,24 @@ def heal_(model: Any, spec: Any, removed: Sequence[int], data: HealData, config:
              len(losses), seconds, losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"))
     return HealResult(sorted(removed), train_layers, [n for n, _ in trained], config.method, len(losses), lr, seconds,
                       losses, data.ids(), tokens, stopped_by, snapshot)
+
+
+def offloaded_parameters(model: Any) -> list[str]:
+    """Parameters accelerate keeps off the model (CPU or disk offload: a meta tensor in the model, loaded by a hook
+    at each forward and dropped after it)."""
+    return [n for n, p in model.named_parameters() if p.device.type == "meta"]
+
+
+def check_trainable(model: Any) -> None:
+    """Refuse healing a model with offloaded weights: an offloaded weight is reloaded from its CPU or disk copy at
+    every forward, so a training step on it would be lost (and the optimizer would hold no real tensor)."""
+    offloaded = offloaded_parameters(model)
+    if offloaded:
+        raise InvalidOptionError(
+            f"--heal trains weights in place, but {len(offloaded)} of the model's tensors are offloaded to CPU or disk "
+            f"by --device auto / --max-memory (e.g. {offloaded[0]}); accelerate reloads those at every forward, so "
+            "training them would be lost. Give --max-memory enough room for the whole model on its devices, or "
+            "compress without --heal (certification, removal and export work offloaded)")
 
 
 class _LowRank:
