@@ -178,6 +178,7 @@ def compress(model_path: str | Path, out_dir: str | Path, options: CompressOptio
         emit("stage", {"name": "writing report.md / report.html"})
         write_report(tmp, manifest, validation=validation.as_dict() if validation else None,
                      speed=validation.speed.as_dict() if validation and validation.speed else None)
+        loaded.release()
         shutil.rmtree(scratch, ignore_errors=True)
         output.commit()
     return CompressResult(out_dir, cert, manifest, validation, exports)

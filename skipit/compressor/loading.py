@@ -228,6 +228,13 @@ class LoadedModel:
     processor_note: str | None = None
     #: with ``--device auto``: accelerate's placement of the model's modules (``hf_device_map``)
     device_map: dict[str, Any] | None = None
+    #: with ``--device auto``: the folder of weights offloaded to disk (removed with the model, or by :meth:`release`)
+    offload_folder: Path | None = None
+
+    def release(self) -> None:
+        """Remove the offload folder now (the model cannot run afterwards if it had weights there)."""
+        if self.offload_folder is not None:
+            shutil.rmtree(self.offload_folder, ignore_errors=True)
 
     @property
     def tokenizer(self) -> Any:
@@ -598,7 +605,7 @@ def load_model(path: str | Path, options: LoadOptions = LoadOptions()) -> Loaded
     processor, note = load_processor(model_dir, is_vlm, options, gguf_file)
     if note:
         log.warning(note)
-    return LoadedModel(model, processor, source, model_dir, gguf_file, note, device_map)
+    return LoadedModel(model, processor, source, model_dir, gguf_file, note, device_map, offload)
 
 
 def _placement_summary(device_map: dict[str, Any]) -> str:
