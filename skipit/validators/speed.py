@@ -6,7 +6,7 @@ seconds`` (prefill without timing, then ``n`` greedy steps with the KV cache, ti
 ``peak_memory()``. Each runner times itself: CUDA work with ``torch.cuda.Event`` pairs, CPU work (and
 ONNX Runtime, whose outputs are on the host when ``run`` returns) with ``time.perf_counter``.
 
-:func:`measure_speed` runs the runners **interleaved** (A, B, A, B, …) for every measurement so that
+:func:`measure_speed` runs the runners **interleaved** (A B C, B C A, C A B, …: rotated each round) so that
 drift (thermal, other processes) hits all of them alike, drops the warm-up rounds, and reports the
 median with the interquartile range and min/max per runner, plus ratios against a baseline runner.
 The executed order is recorded in ``schedule``.
@@ -31,6 +31,10 @@ import numpy as np
 from skipit.errors import BackendUnavailableError, InvalidOptionError
 
 log = logging.getLogger(__name__)
+
+#: Pause before each timed call (seconds): OpenMP workers of the previous call spin for a few milliseconds after
+#: it; on a machine with as many threads as cores they would slow whatever runs next.
+SETTLE_S = 0.01
 
 
 class Runner(Protocol):
@@ -164,11 +168,12 @@ class OrtRunner(_RssMemory):
     :class:`skipit.exporters.onnx_vlm.OrtVlmRunner`, as :class:`TorchRunner` runs a VLM on text).
 
     ``threads`` sets ONNX Runtime's intra-op threads (default: its own choice); give torch the same
-    (``torch.set_num_threads``) for a fair CPU comparison.
+    (``torch.set_num_threads``) for a fair CPU comparison. Its workers stop spinning at the end of each run
+    (``session.force_spinning_stop``) unless ``spin_between_runs``: a spinning pool would slow the next runner.
     """
 
     def __init__(self, onnx_path: str | Path, name: str = "ort", device: str = "auto", vocab_size: int | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, spin_between_runs: bool = False) -> None:
         try:
             import onnxruntime as ort
 
@@ -181,6 +186,10 @@ class OrtRunner(_RssMemory):
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        if not spin_between_runs:
+            # ORT's intra-op workers spin-wait after each run by default, burning a core for tens of milliseconds
+            # (measured: benchmarks/speed.py); the runner measured next would pay for it. Spin within a run only.
+            options.add_session_config_entry("session.force_spinning_stop", "1")
         split = find_split_export(onnx_path)
         if split is not None:
             self.runner = OrtVlmRunner(split[0], providers=providers, session_options=options, onnx_dir=split[1])
@@ -309,14 +318,25 @@ class SpeedConfig:
     decode_tokens: int = 32
     decode_prompt_len: int | None = None
     seed: int = 0
+    rotate: bool = True
+    settle_s: float = SETTLE_S
 
 
 def _interleaved(runners: Mapping[str, Runner], rounds: int, warmup: int, label: dict[str, Any],
-                 call: Callable[[Runner], float], schedule: list[dict[str, Any]]) -> dict[str, list[float]]:
-    """Run ``call`` for every runner in turn, ``rounds`` times; keep the times after ``warmup`` rounds."""
+                 call: Callable[[Runner], float], schedule: list[dict[str, Any]], rotate: bool = True,
+                 settle_s: float = SETTLE_S) -> dict[str, list[float]]:
+    """Run ``call`` for every runner in turn, ``rounds`` times; keep the times after ``warmup`` rounds.
+
+    With ``rotate`` the order rotates each round (A B C, B C A, C A B …), so that no runner always follows the
+    same one; each call starts after ``settle_s`` of quiet."""
     kept: dict[str, list[float]] = {name: [] for name in runners}
+    names = list(runners)
     for rnd in range(rounds):
-        for name, runner in runners.items():
+        shift = rnd % len(names) if rotate else 0
+        for name in names[shift:] + names[:shift]:
+            runner = runners[name]
+            if settle_s:
+                time.sleep(settle_s)
             seconds = call(runner)
             schedule.append(label | {"round": rnd, "runner": name, "warmup": rnd < warmup})
             if rnd >= warmup:
@@ -334,13 +354,15 @@ def measure_speed(
     decode_prompt_len: int | None = None,
     baseline: str | None = None,
     seed: int = 0,
+    rotate: bool = True,
+    settle_s: float = SETTLE_S,
 ) -> SpeedResult:
     """Prefill latency at batch 1 for each of ``seq_lens`` and decode speed, runners interleaved.
 
     Inputs are the same random token ids for every runner (below the smallest vocabulary). Decoding
     starts from a prompt of ``decode_prompt_len`` tokens (default: the shortest ``seq_lens``) and
     generates ``decode_tokens`` greedily; ``decode_tokens=0`` skips it. ``baseline`` (default: the first
-    runner) is what ratios are taken against.
+    runner) is what ratios are taken against. ``rotate`` / ``settle_s``: see :func:`_interleaved`.
     """
     if not runners:
         raise InvalidOptionError("measure_speed needs at least one runner")
@@ -355,11 +377,12 @@ def measure_speed(
     ids = np.random.default_rng(seed).integers(0, vocab, size=(1, max(*seq_lens, prompt_len)), dtype=np.int64)
     schedule: list[dict[str, Any]] = []
     rounds = warmup + repeats
+    order = {"rotate": rotate, "settle_s": settle_s}
     prefill = {n: _interleaved(runners, rounds, warmup, {"phase": "prefill", "seq_len": n},
-                               lambda r, n=n: r.prefill(ids[:, :n]), schedule) for n in seq_lens}
+                               lambda r, n=n: r.prefill(ids[:, :n]), schedule, **order) for n in seq_lens}
     decode = _interleaved(runners, rounds, warmup, {"phase": "decode", "seq_len": prompt_len},
                           lambda r: r.decode(ids[:, :prompt_len], decode_tokens) / decode_tokens,
-                          schedule) if decode_tokens else {}
+                          schedule, **order) if decode_tokens else {}
     result: dict[str, RunnerSpeed] = {}
     for name, runner in runners.items():
         dec = Timing.of(decode[name]) if decode else None
