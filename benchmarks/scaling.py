@@ -131,6 +131,31 @@ class RssSampler:
         self._thread.join()
 
 
+def count_reference_io() -> dict[str, float]:
+    """Bytes and seconds of the reference files' writes and reads (ReferenceStore, wrapped for this process)."""
+    from skipit.compressor.reference import ReferenceStore
+
+    io = {"written": 0, "read": 0, "write_s": 0.0, "read_s": 0.0, "peak_file": 0}
+    append, read = ReferenceStore.append, ReferenceStore.read
+
+    def timed_append(self: Any, *a: Any, **kw: Any) -> None:
+        t = time.perf_counter()
+        append(self, *a, **kw)
+        io["write_s"] += time.perf_counter() - t
+        io["written"] = io["written"] + self._index[-1][1] * (self._index[-1][2] * 2 + 8)
+        io["peak_file"] = max(io["peak_file"], self.nbytes)
+
+    def timed_read(self: Any, *a: Any, **kw: Any) -> Any:
+        t = time.perf_counter()
+        logp, top1 = read(self, *a, **kw)
+        io["read_s"] += time.perf_counter() - t
+        io["read"] += logp.numel() * 2 + top1.numel() * 8
+        return logp, top1
+
+    ReferenceStore.append, ReferenceStore.read = timed_append, timed_read
+    return io
+
+
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
     """One measurement, in this (fresh) process."""
     import torch
@@ -153,6 +178,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     load = LoadOptions(device="auto", max_memory=case["max_memory"]) if case.get("max_memory") else LoadOptions()
     options = CompressOptions(load=load, data=DataOptions(path=data, batch_size=8, max_length=case["max_length"]),
                               policy=CertifyPolicy(max_kl=None, max_layers=2))
+    io = count_reference_io()
     sampler = RssSampler()
     rss_import = sampler.rss()
     sampler.enter("load")
@@ -197,6 +223,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         sampler.stop()
         out["scratch_bytes_left"] = sum(p.stat().st_size for p in Path(scratch).rglob("*") if p.is_file())
     out["peaks"] = sampler.peaks
+    out["reference_io"] = io
     out["seconds"] = {k: round(v, 2) for k, v in sampler.times.items()}
     return out
 
@@ -226,7 +253,8 @@ def mb(n: float) -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     """The README's table (MiB; peaks are above nothing: the whole process)."""
     head = ["case", "data (cal/hold)", "weights", "1 batch logits", "RSS imports", "RSS loaded", "peak load",
-            "peak analysis", "peak certify", "analysis s", "certify s", "removed", "held-out KL"]
+            "peak analysis", "peak certify", "analysis s", "certify s", "reference file written / read, IO s",
+            "removed", "held-out KL"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         p, s = r["peaks"], r["seconds"]
@@ -239,6 +267,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             mb(r["weights"]), mb(r["batch_logits"]), mb(r["rss_import"]), mb(r["rss_loaded"]), mb(p.get("load", 0)),
             mb(p.get("analysis", 0)), mb(max(rest, p.get("analysis", 0))) if r["what"] == "certify" else "–",
             f"{s.get('analysis', 0):.1f}", f"{s.get('analysis', 0) + after:.1f}" if r["what"] == "certify" else "–",
+            f"{mb(r['reference_io']['written'])} / {mb(r['reference_io']['read'])} MiB, "
+            f"{r['reference_io']['write_s'] + r['reference_io']['read_s']:.1f} s",
             str(r.get("removed", "–")), f"{r['kl']:.5f}" if "kl" in r else "–"]) + " |")
     return "\n".join(lines)
 
