@@ -60,7 +60,8 @@ def test_vlm_on_disk_keeps_its_vision_tower_and_processor(tiny_model_dir, tmp_pa
     src, out = tiny_model_dir(LLAVA), tmp_path / "out"
     assert _compress(src, out, "--device", "auto", "--max-memory", "cpu=1KB") == 0
     manifest = _manifest(out)
-    assert manifest["source"]["placement"]["device_map"] == {"": "disk"}
+    placed = manifest["source"]["placement"]["device_map"]  # {"": "disk"}; transformers 4.x: per top-level module
+    assert placed and set(placed.values()) == {"disk"}, placed
     source, slim = load_file(str(src / "model.safetensors")), load_file(str(out / "model" / "model.safetensors"))
     kept = manifest["layers"]["kept"]
     for name, tensor in source.items():

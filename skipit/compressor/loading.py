@@ -581,7 +581,15 @@ def load_model(path: str | Path, options: LoadOptions = LoadOptions()) -> Loaded
             kwargs["dtype"] = torch.float32
     log.info("loading %s with %s", source, getattr(cls, "__name__", cls))
     try:
-        model, info = cls.from_pretrained(model_dir, **kwargs)
+        try:
+            model, info = cls.from_pretrained(model_dir, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError
+            if not (offload is not None and "device disk is invalid" in str(exc)):
+                raise
+            # transformers 4.x opens the weights on the device of a whole-model entry, so a model placed entirely
+            # on disk (device_map {"": "disk"}) fails to load; the same placement spelled per top-level module works
+            kwargs["device_map"] = _all_on_disk(cls, model_dir, options)
+            model, info = cls.from_pretrained(model_dir, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError, IndexError, TypeError, NotImplementedError, struct.error) as exc:
         if offload is not None:
             shutil.rmtree(offload, ignore_errors=True)
@@ -606,6 +614,17 @@ def load_model(path: str | Path, options: LoadOptions = LoadOptions()) -> Loaded
     if note:
         log.warning(note)
     return LoadedModel(model, processor, source, model_dir, gguf_file, note, device_map, offload)
+
+
+def _all_on_disk(cls: Any, model_dir: Path, options: LoadOptions) -> dict[str, str]:
+    """``{child: "disk"}`` for each top-level module of the model ``cls`` builds from ``model_dir``'s config."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    config = transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=options.trust_remote_code)
+    with init_empty_weights():
+        empty = cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
+    return {name: "disk" for name, _ in empty.named_children()}
 
 
 def _placement_summary(device_map: dict[str, Any]) -> str:

@@ -88,7 +88,20 @@ def save_checkpoint(model: Any, processor: Any, source_dir: Path | None, out_dir
         shards = {"max_shard_size": OFFLOADED_SHARD_SIZE}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
-        model.save_pretrained(out_dir, safe_serialization=True, **shards)
+        try:
+            model.save_pretrained(out_dir, safe_serialization=True, **shards)
+        except AttributeError:
+            if not shards:
+                raise
+            # transformers 4.x looks offloaded (meta) tensors up under their *saved* names, which differ from the
+            # module names in models with a checkpoint conversion mapping (LLaVA …): read them all back first
+            from accelerate.utils.modeling import get_state_dict_offloaded_model
+
+            log.warning("saving through a state dict read back from the offloaded weights (transformers %s cannot "
+                        "save this offloaded model directly); it holds the whole model in memory once",
+                        _transformers_version())
+            model.save_pretrained(out_dir, safe_serialization=True, state_dict=get_state_dict_offloaded_model(model),
+                                  **shards)
     make_config_portable(out_dir)  # RoPE settings readable by transformers 4.x too (optimum's environment)
     copied = []
     if source_dir is not None:
@@ -100,6 +113,12 @@ def save_checkpoint(model: Any, processor: Any, source_dir: Path | None, out_dir
     if not copied:
         processor.save_pretrained(out_dir)
         _portable_tokenizer_class(out_dir, list(getattr(processor, "model_input_names", ["input_ids", "attention_mask"])))
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def _portable_tokenizer_class(out_dir: Path, input_names: list[str]) -> None:
