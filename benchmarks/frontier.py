@@ -11,7 +11,10 @@ Baselines (implemented here, from their papers' descriptions):
 * SLEB — greedy: at each step remove every remaining layer in turn, keep the one whose removal
   changes the output least (re-verified, ≈ L passes per removed layer).
 
-    python benchmarks/frontier.py [--k 8] [--calib-samples 24] [--json out.json]
+    python benchmarks/frontier.py [--k 8] [--calib-samples 24] [--heal 4,8] [--json out.json]
+
+Columns: held-out KL(original‖slim) nats/token, top-1 agreement, test-split perplexity ratio (slim /
+original), and calibration-split work in full-split pass equivalents spent to reach that k.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from skipit.compressor.analyze import AnalyzeConfig, run_pass
+from skipit.compressor.analyze import run_pass
 from skipit.compressor.arch import decoder_spec
 from skipit.compressor.calibration import encode, load_calibration
 from skipit.compressor.certify import CertifyPolicy, certify
@@ -87,63 +90,202 @@ def block_angular(model, spec, batches, k_max, protected) -> tuple[list[list[int
     return sets, 1
 
 
+def sets_by_size(cert) -> list[list[int]]:
+    """skipit's set at each size: the last accepted step (greedy, block or swap) of that size."""
+    out: dict[int, list[int]] = {}
+    for step in cert.steps:
+        if step.accepted:
+            out[len(step.layers)] = sorted(step.layers)
+    return [out[k] for k in sorted(out)]
+
+
+class PassCounter:
+    """Calibration-split work in full-split equivalents, read off certify's events, at each accepted size."""
+
+    def __init__(self, n_cal: int) -> None:
+        self.n_cal, self.total, self.at_size, self._size = n_cal, 0.0, {}, 0
+
+    def __call__(self, kind: str, info: dict) -> None:
+        if kind == "pass_start" and info["split"] in ("calibration", "screen"):
+            self.total += info["samples"] / self.n_cal
+        elif kind == "step" and info["accepted"]:
+            self.at_size[len(info["layers"])] = self.total
+
+
+def measure(model, spec, batches, reference, removed) -> dict:
+    with spec.skipping(removed):
+        div = run_pass(model, spec, batches, reference=reference, layer_scores=False).divergence
+    return {"kl": div.kl.mean, "kl_hi": div.kl.hi, "top1": div.top1.mean, "nll": div.nll.mean}
+
+
+def healed(model, spec, removed, heal_data, config, batches_refs) -> tuple[list[dict], float]:
+    """Heal ``removed`` in place, measure on each (batches, reference), undo; return figures and seconds."""
+    from skipit.compressor.heal import heal_
+
+    result = heal_(model, spec, removed, heal_data, config)
+    try:
+        return [measure(model, spec, b, r, removed) for b, r in batches_refs], result.seconds
+    finally:
+        result.undo(model)
+
+
+def joined_texts(processor, records, tokens: int) -> list[dict]:
+    """Consecutive built-in paragraphs of one domain joined until each text holds ``tokens`` tokens."""
+    tok = getattr(processor, "tokenizer", processor)
+    out, current, domain = [], [], None
+    for r in records:
+        if r.get("domain") != domain:
+            current, domain = [], r.get("domain")
+        current.append(r["text"])
+        if len(tok(" ".join(current))["input_ids"]) >= tokens:
+            out.append({"text": " ".join(current), "domain": domain})
+            current = []
+    return out
+
+
+def small_file_case(model, spec, processor, k: int, n_file: int, batch_size: int) -> list[dict]:
+    """A user's small file: ``n_file`` texts of ≥ 256 tokens. skipit with its defaults (split, screening and
+    length chosen from the file) vs exhaustive greedy (SLEB) on the whole file; both measured on other
+    texts of the same kind (the remaining built-in paragraphs, joined the same way)."""
+    import random
+    import tempfile
+
+    from skipit.compressor import builtin
+    from skipit.compressor.calibration import DataOptions, read_jsonl
+
+    texts = joined_texts(processor, builtin.prose_records(), 256)
+    random.Random(0).shuffle(texts)
+    file_texts, other = texts[:n_file], texts[n_file:]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "small.jsonl"
+        path.write_text("".join(json.dumps(t) + "\n" for t in file_texts))
+        data = load_calibration(path)
+        whole = encode(read_jsonl(path), processor, spec, batch_size=batch_size, max_length=DataOptions.max_length)
+    d = DataOptions()
+    cal, hold = (encode(data.split(s), processor, spec, batch_size=d.batch_size, max_length=d.max_length)
+                 for s in ("calibration", "holdout"))
+    ev = encode([s for s in read_jsonl_texts(other)], processor, spec, batch_size=batch_size, max_length=d.max_length)
+    ev_ref = run_pass(model, spec, ev, keep_reference=True, layer_scores=False).reference
+    counter = PassCounter(sum(b.size for b in cal))
+    cert = certify(model, spec, cal, hold, CertifyPolicy(max_kl=None, max_layers=k, bound="pooled"), on_event=counter)
+    whole_ref = run_pass(model, spec, whole, keep_reference=True, layer_scores=False).reference
+    greedy, _ = sleb(model, spec, whole, whole_ref, k, {0, spec.num_layers - 1})
+    rows = []
+    for name, sets in (("skipit", sets_by_size(cert)), ("greedy on the file", greedy)):
+        for removed in sets:
+            rows.append({"case": "small-file", "method": name, "k": len(removed), "layers": removed,
+                         **measure(model, spec, ev, ev_ref, removed)})
+    print(f"small file ({n_file} texts of ≥ 256 tokens; splits {data.describe()['split_sizes']}; "
+          f"screen {cert.passes['screen_samples']} of {cert.passes['calibration_samples']} samples), "
+          f"KL on {len(other)} other texts:")
+    for r in rows:
+        print(f"  {r['method']:>20} k={r['k']} {r['layers']}: KL {r['kl']:.3f} top1 {r['top1']:.3f}")
+    return rows
+
+
+def read_jsonl_texts(records: list[dict]) -> list:
+    from skipit.compressor.calibration import Sample
+
+    return [Sample(r["text"], domain=r.get("domain")) for r in records]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--k", type=int, default=8)
-    parser.add_argument("--calib-samples", type=int, default=24, help="calibration samples used for choosing")
+    parser.add_argument("--calib-samples", type=int, default=None, help="calibration samples used for choosing")
     parser.add_argument("--holdout-samples", type=int, default=None, help="held-out samples used for scoring sets")
+    parser.add_argument("--test-samples", type=int, default=None, help="test-split samples (perplexity ratio)")
     parser.add_argument("--probe-width", type=int, default=CertifyPolicy.probe_width)
-    parser.add_argument("--batch-size", type=int, default=4, help="calibration batch size (screens use whole batches)")
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--skip-sleb", action="store_true")
+    parser.add_argument("--heal", default="", help="comma-separated k at which skipit's and SLEB's sets are also "
+                        "healed (skipit+heal, sleb+heal columns), e.g. 4,8")
+    parser.add_argument("--heal-steps", type=int, default=None)
+    parser.add_argument("--heal-method", default="full", choices=["full", "lora"])
+    parser.add_argument("--small-file", type=int, default=0, metavar="N",
+                        help="also the small-file case: N texts of ≥ 256 tokens as --calib (e.g. 32), k ≤ 4")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.manual_seed(0)
     loaded = load_model(smollm2())
     model, spec = loaded.model, decoder_spec(loaded.model)
     data = load_calibration(None)
-    cal = encode(data.split("calibration")[: args.calib_samples], loaded.processor, spec, batch_size=args.batch_size)
-    hold = encode(data.split("holdout")[: args.holdout_samples], loaded.processor, spec, batch_size=args.batch_size)
+
+    def enc(split, n):
+        return encode(data.split(split)[:n], loaded.processor, spec, batch_size=args.batch_size)
+
+    cal, hold, test = enc("calibration", args.calib_samples), enc("holdout", args.holdout_samples), enc("test", args.test_samples)
+    n_cal = sum(b.size for b in cal)
     protected = {0, spec.num_layers - 1}
     base = run_pass(model, spec, cal, keep_reference=True)
     cal_ref = base.reference
     hold_ref = run_pass(model, spec, hold, keep_reference=True, layer_scores=False).reference
-    base_nll = run_pass(model, spec, hold, reference=hold_ref, layer_scores=False).divergence.nll.mean
+    test_ref = run_pass(model, spec, test, keep_reference=True, layer_scores=False).reference
+    base_nll = {"hold": measure(model, spec, hold, hold_ref, [])["nll"], "test": measure(model, spec, test, test_ref, [])["nll"]}
 
-    methods: dict[str, tuple[list[list[int]], int, float]] = {}
+    methods: dict[str, tuple[list[list[int]], list[float], float]] = {}
     t = time.perf_counter()
-    cert = certify(model, spec, cal, hold, CertifyPolicy(max_kl=None, max_layers=args.k, probe_width=args.probe_width))
-    # screening passes run on part of the calibration split: counted as the fraction of a pass they are
-    methods["skipit"] = ([sorted(cert.order[:k]) for k in range(1, len(cert.order) + 1)],
-                         cert.passes["calibration_equivalent"], time.perf_counter() - t)
+    counter = PassCounter(n_cal)
+    cert = certify(model, spec, cal, hold, CertifyPolicy(max_kl=None, max_layers=args.k, probe_width=args.probe_width,
+                                                         bound="pooled"), on_event=counter)
+    sets = sets_by_size(cert)
+    methods["skipit"] = (sets, [counter.at_size[len(s)] for s in sets], time.perf_counter() - t)
     bi = {ls.index: ls.score("geometric") for ls in base.layers if ls.index not in protected}
     order = sorted(bi, key=bi.get)
-    methods["shortgpt"] = ([sorted(order[:k]) for k in range(1, args.k + 1)], 1, 0.0)
+    methods["shortgpt"] = ([sorted(order[:k]) for k in range(1, args.k + 1)], [1.0] * args.k, 0.0)
     t = time.perf_counter()
     sets, passes = block_angular(model, spec, cal, args.k, protected)
-    methods["gromov"] = (sets, passes, time.perf_counter() - t)
+    methods["gromov"] = (sets, [float(passes)] * args.k, time.perf_counter() - t)
     if not args.skip_sleb:
         t = time.perf_counter()
-        sets, passes = sleb(model, spec, cal, cal_ref, args.k, protected)
-        methods["sleb"] = (sets, passes, time.perf_counter() - t)
+        sets, _ = sleb(model, spec, cal, cal_ref, args.k, protected)
+        n_free = spec.num_layers - len(protected)
+        methods["sleb"] = (sets, [float(sum(n_free - i for i in range(k))) for k in range(1, args.k + 1)],
+                           time.perf_counter() - t)
 
     rows = []
     for name, (sets, passes, seconds) in methods.items():
-        for removed in sets:
-            with spec.skipping(removed):
-                div = run_pass(model, spec, hold, reference=hold_ref, layer_scores=False).divergence
-            rows.append({"method": name, "k": len(removed), "layers": removed, "kl": div.kl.mean, "kl_hi": div.kl.hi,
-                         "top1": div.top1.mean, "ppl": math.exp(div.nll.mean), "passes": passes, "seconds": round(seconds, 1)})
-    print(f"{'k':>2} " + " ".join(f"{m:>26}" for m in methods))
+        for removed, cost in zip(sets, passes):
+            h, te = measure(model, spec, hold, hold_ref, removed), measure(model, spec, test, test_ref, removed)
+            rows.append({"method": name, "k": len(removed), "layers": removed, **h, "ppl": math.exp(h["nll"]),
+                         "test_ppl_ratio": math.exp(te["nll"] - base_nll["test"]), "passes": cost,
+                         "seconds": round(seconds, 1)})
+    heal_ks = [int(k) for k in args.heal.split(",") if k.strip()]
+    if heal_ks:
+        from skipit.compressor.heal import HealConfig, build_heal_data
+
+        config = HealConfig(method=args.heal_method, **({"steps": args.heal_steps} if args.heal_steps else {}))
+        # healing sees the whole calibration split (never the held-out or test samples), as skipit-compress does
+        heal_batches = enc("calibration", None)
+        heal_ref = run_pass(model, spec, heal_batches, keep_reference=True, layer_scores=False).reference
+        heal_data = build_heal_data(model, spec, heal_batches, heal_ref)
+        for name in ("skipit", "sleb"):
+            for r in [r for r in rows if r["method"] == name and r["k"] in heal_ks]:
+                (h, te), secs = healed(model, spec, r["layers"], heal_data, config, [(hold, hold_ref), (test, test_ref)])
+                rows.append({**r, "method": f"{name}+heal", **h, "ppl": math.exp(h["nll"]),
+                             "test_ppl_ratio": math.exp(te["nll"] - base_nll["test"]), "heal_seconds": round(secs, 1)})
+    if args.small_file:
+        rows += small_file_case(model, spec, loaded.processor, min(args.k, 4), args.small_file, args.batch_size)
+        rows_main = [r for r in rows if r.get("case") != "small-file"]
+    else:
+        rows_main = rows
+    names = list(dict.fromkeys(r["method"] for r in rows_main))
+    print(f"{'k':>2} " + " ".join(f"{m:>34}" for m in names))
     for k in range(1, args.k + 1):
         cells = []
-        for m in methods:
-            r = next((r for r in rows if r["method"] == m and r["k"] == k), None)
-            cells.append(f"{'-':>26}" if r is None else f"KL {r['kl']:.3f} top1 {r['top1']:.3f} ppl {r['ppl']:5.1f}")
+        for m in names:
+            r = next((r for r in rows_main if r["method"] == m and r["k"] == k), None)
+            cells.append(f"{'-':>34}" if r is None else
+                         f"KL {r['kl']:.3f} top1 {r['top1']:.3f} ×ppl {r['test_ppl_ratio']:4.2f} p{r['passes']:5.1f}")
         print(f"{k:>2} " + " ".join(cells))
-    print("calibration passes (full-split equivalents): " + ", ".join(f"{m} {methods[m][1]:g}" for m in methods))
+    for r in rows:
+        if "heal_seconds" in r:
+            print(f"{r['method']} k={r['k']}: healed in {r['heal_seconds']} s")
+    print(f"skipit sets: {methods['skipit'][0]}")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "original_ppl": math.exp(base_nll)}, indent=2))
-    print(f"original perplexity on the held-out split: {math.exp(base_nll):.1f}")
+        args.json.write_text(json.dumps({"rows": rows, "original_ppl": {k: math.exp(v) for k, v in base_nll.items()}},
+                                        indent=2))
+    print(f"original perplexity: held-out {math.exp(base_nll['hold']):.1f}, test {math.exp(base_nll['test']):.1f}")
 
 
 if __name__ == "__main__":

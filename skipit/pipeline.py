@@ -20,7 +20,7 @@ from skipit.compressor.manifest import build_manifest, hub_model_card, model_car
 from skipit.compressor.rewrite import remove_layers_, save_checkpoint, verify_reload
 from skipit import extras
 from skipit.atomic import OutputDir, write_atomic
-from skipit.errors import InvalidOptionError, ModelLoadError
+from skipit.errors import InvalidOptionError
 from skipit.validators.report import write_report
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,9 @@ class CompressOptions:
     heal_data: Path | None = None
     #: dtype of the saved checkpoint: ``source`` (the input's own; bfloat16 for a quantized GGUF) or a torch name
     save_dtype: str = "source"
+    #: a Hub id as MODEL: the revision (branch, tag or commit) and the cache folder (default: HF_HOME's)
+    revision: str | None = None
+    cache_dir: Path | None = None
     overwrite: bool = False
     export: tuple[str, ...] = ()
     backend: str = "torch"
@@ -74,15 +77,22 @@ class CompressResult:
         return 0 if self.validation is None else self.validation.exit_code
 
 
-def output_dir(out_dir: Path, source: Path, options: CompressOptions) -> OutputDir:
+def resolve_source(model: str | Path, options: CompressOptions) -> Any:
+    """MODEL → a :class:`~skipit.compressor.hub.ResolvedModel`: a local path, or a Hub id from the HF cache
+    (downloaded unless ``HF_HUB_OFFLINE``; ``options.revision`` / ``options.cache_dir``)."""
+    from skipit.compressor.hub import resolve_model
+
+    return resolve_model(str(model), revision=options.revision, cache_dir=options.cache_dir,
+                         allow_pickle=options.load.allow_pickle, trust_remote_code=options.load.trust_remote_code)
+
+
+def output_dir(out_dir: Path, source: Path | None, options: CompressOptions) -> OutputDir:
     """The guarded output folder of a run (:class:`skipit.atomic.OutputDir`; entering it checks and locks).
 
     ``out_dir`` may not overlap the model, nor be or hold a data file (calibration, healing) or its folder.
     """
-    if not source.exists():
-        raise ModelLoadError(f"{source} does not exist; give a model directory (config.json + *.safetensors) or a .gguf file")
     data_files = [p for p in (options.data.path, options.heal_data) if p is not None]
-    return OutputDir(out_dir, overwrite=options.overwrite, inputs=[source],
+    return OutputDir(out_dir, overwrite=options.overwrite, inputs=[source] if source else [],
                      protect=data_files + [p.parent for p in data_files])
 
 
@@ -122,19 +132,23 @@ def compress(model_path: str | Path, out_dir: str | Path, options: CompressOptio
     into place at the end; an existing folder is replaced only with ``overwrite`` and only if skipit
     wrote it. Paths are recorded resolved.
     """
-    model_path, out_dir = Path(model_path).resolve(), Path(out_dir)
+    out_dir = Path(out_dir)
+    local = Path(model_path).expanduser()
     if options.data.path is not None:
         options = replace(options, data=replace(options.data, path=Path(options.data.path).resolve()))
     if options.heal_data is not None:
         options = replace(options, heal_data=Path(options.heal_data).resolve())
-    gguf = model_path.is_file() and model_path.suffix == ".gguf"
+    gguf = str(model_path).endswith(".gguf")
     stages = _Stages(progress, 5 + gguf + ("onnx" in options.export) + ("trt" in options.export) + options.validate)
     emit = stages.emit
     extras.require(*extras.for_compress(model_path, options))
-    with output_dir(out_dir, model_path, options) as output, scratch_folder(output.staging / SCRATCH) as scratch:
+    with output_dir(out_dir, local.resolve() if local.exists() else None, options) as output, \
+            scratch_folder(output.staging / SCRATCH) as scratch:
         # spill files (reference distributions, disk-offloaded weights) lie in the staging folder, on the output's
         # disk, and go with it if the run dies; removed before the output is moved into place
-        emit("stage", {"name": f"loading {model_path}"})
+        source = resolve_source(model_path, options)
+        model_path = source.path.resolve()
+        emit("stage", {"name": f"loading {source.repo_id or model_path}"})
         loaded, spec, data = prepare(model_path, options)
         if options.heal is not None:
             check_trainable(loaded.model)  # before hours of certification, not after
@@ -154,8 +168,8 @@ def compress(model_path: str | Path, out_dir: str | Path, options: CompressOptio
         emit("stage", {"name": "reloading the checkpoint in a fresh process"})
         reload_facts = verify_reload(tmp / "model", loaded.model, spec, calibration[0].inputs)
         manifest = build_manifest(
-            source={"path": str(model_path), "gguf_file": loaded.gguf_file, "processor_note": loaded.processor_note,
-                    "dtype": source_dtype(model_path), "saved_dtype": save_dtype,
+            source={**source.as_dict(), "path": str(model_path), "gguf_file": loaded.gguf_file,
+                    "processor_note": loaded.processor_note, "dtype": source_dtype(model_path), "saved_dtype": save_dtype,
                     **({"placement": placement(loaded)} if loaded.device_map else {})},
             architecture=type(loaded.model).__name__,
             certificate=cert,
@@ -164,13 +178,16 @@ def compress(model_path: str | Path, out_dir: str | Path, options: CompressOptio
             analyze_config=asdict(options.analyze),
             reload_check=reload_facts,
         )
-        if loaded.gguf_file:
+        if loaded.gguf_file and cert.healing:  # the source's bytes would carry the unhealed weights
+            log.warning("model.gguf not written: healed layers would need re-quantization (model/ holds the healed model)")
+            manifest["gguf"] = {"skipped": "healed layers are not re-quantized into the GGUF yet"}
+        elif loaded.gguf_file:
             manifest["gguf"] = _export_gguf(loaded.model_dir / loaded.gguf_file, cert.layers, tmp, emit)
         write_manifest(tmp, manifest)
         write_atomic(tmp / "README.md", model_card(manifest))
         write_atomic(tmp / "model" / "README.md", hub_model_card(
             manifest, pipeline_tag="image-text-to-text" if spec.is_vlm else "text-generation",
-            metadata=source_card_metadata(model_path)))
+            metadata=source_card_metadata(model_path), base_model=source.repo_id))
         exports = _export(tmp, options, emit)
         if options.validate:
             emit("stage", {"name": "validating on the untouched test split"})
@@ -263,7 +280,7 @@ def analyze_model(model_path: str | Path, options: CompressOptions = CompressOpt
     held-out damage (Spearman), at one pass per layer.
     """
     emit = progress or (lambda kind, info: None)
-    loaded, spec, data = prepare(Path(model_path), options)
+    loaded, spec, data = prepare(resolve_source(model_path, options).path, options)
     batches = encode_split(loaded, spec, data, "calibration", options)
     emit("pass_start", {"split": "calibration", "removed": [], "samples": count_samples(batches)})
     result = run_pass(loaded.model, spec, batches, config=options.analyze, on_batch=lambda k: emit("batch", {"n": k}))

@@ -90,3 +90,15 @@ def test_the_gate_warns_about_data_longer_than_the_certified_context(runs: dict[
     report = validate(tiny_model_dir(LLAMA), runs["worst-domain"].out_dir, config)
     assert report.data["certified_context"] == 16 and report.data["beyond_certified_context"] > 0
     assert report.data["longest_tokens"] > 16 and "longest context the certificate covers (16 tokens)" in caplog.text
+
+
+def test_the_certificate_round_trips_through_json(runs: dict[str, Any]) -> None:
+    from skipit.compressor.certify import Certificate
+
+    cert = runs["worst-domain"].certificate
+    written = json.loads(json.dumps(cert.as_dict(), default=str))
+    assert written["format"] == "skipit-certificate/1"
+    back = Certificate.from_dict(written)
+    assert back == cert and back.statement() == cert.statement() and back.kl_bound == cert.kl_bound
+    manifest = json.loads((runs["worst-domain"].out_dir / "skipit_manifest.json").read_text())
+    assert Certificate.from_dict(manifest["certificate"]).layers == cert.layers

@@ -11,7 +11,8 @@ from skipit.cli.runner import EXIT_CODES_HELP, Progress, add_output_flags, dtype
 
 COMPRESS_EXAMPLES = """examples:
   skipit-compress ./SmolLM2-135M out --max-kl 0.35 --max-layers 4
-  skipit-compress model.Q4_1.gguf out --max-layers 2 --heal          # GGUF in; heal after removal
+  skipit-compress model.Q4_1.gguf out --max-layers 2 --heal          # GGUF in (→ out/model.gguf); heal
+  skipit-compress HuggingFaceTB/SmolLM2-135M-Instruct out --max-layers 2   # a Hub id (HF cache; HF_HUB_OFFLINE)
   skipit-compress ./llava out --calib data.jsonl --export onnx --validate   # the whole pipeline, as a CI gate
 """
 
@@ -73,8 +74,11 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = COMPRESS_EXAMPLES + "\n" + EXIT_CODES_HELP
-    p.add_argument("model", type=Path, help="model directory (config.json + safetensors) or a .gguf file")
+    p.add_argument("model", help="model directory (config.json + safetensors), a .gguf file, or a Hugging Face Hub id "
+                                 "(org/name, org/name/file.gguf)")
     p.add_argument("out_dir", type=Path, help="output directory (model/, skipit_manifest.json, README.md, report.html)")
+    p.add_argument("--revision", help="Hub id only: branch, tag or commit (default: main)")
+    p.add_argument("--cache-dir", type=Path, help="Hub id only: the Hugging Face cache folder (default: HF_HOME's)")
     g = p.add_argument_group("certificate")
     g.add_argument("--max-kl", type=float, default=None,
                    help="bound on mean KL(original‖slim) in nats/token on held-out data, at --confidence "
@@ -141,6 +145,8 @@ def options_from(args: argparse.Namespace, compress: bool) -> Any:
         heal=_heal_config(args) if getattr(args, "heal", False) else None,
         heal_data=getattr(args, "heal_data", None),
         save_dtype=getattr(args, "save_dtype", "source"),
+        revision=getattr(args, "revision", None),
+        cache_dir=getattr(args, "cache_dir", None),
         load=LoadOptions(args.dtype, args.device, args.trust_remote_code, args.allow_pickle,
                          max_memory=args.max_memory, offload_dir=args.offload_dir),
         data=DataOptions(args.calib, args.calib_limit, args.batch_size, args.max_length),
@@ -236,7 +242,7 @@ def analyze_command(args: argparse.Namespace) -> int:
 def add_analyze_parser(sub: Any) -> None:
     p = sub.add_parser("analyze", help="per-layer scores only, no rewrite", epilog=EXIT_CODES_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", type=Path)
+    p.add_argument("model", help="model directory, .gguf file or Hugging Face Hub id")
     p.add_argument("out_json", type=Path)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--oracle", action="store_true",

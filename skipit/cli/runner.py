@@ -74,6 +74,10 @@ def sigterm_cleans_up() -> Iterator[None]:
 
 def quiet_libraries(verbose: bool) -> None:
     """No tqdm bars or info chatter from transformers / huggingface_hub between skipit's own lines."""
+    import os
+
+    if not verbose:  # raw tqdm bars (transformers' GGUF dequantization); tqdm reads this when first imported
+        os.environ.setdefault("TQDM_DISABLE", "1")
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
@@ -163,6 +167,7 @@ def _report_error(args: argparse.Namespace, console: Any, code: int, kind: str, 
     """One line on stderr; with ``--json`` also a JSON error object (stdout, or the ``--json`` file)."""
     from rich.markup import escape
 
+    # escaped: messages hold brackets that are not markup ("pip install 'skipit[gguf]'", "layers [2, 3]")
     console.print(f"[bold red]{kind}:[/] {escape(message)}", highlight=False, soft_wrap=True)
     target = getattr(args, "json", None)
     if target:

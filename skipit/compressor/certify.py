@@ -18,13 +18,12 @@ import copy
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Iterator, Sequence
 
 from skipit.compressor.analyze import AnalyzeConfig, Divergence, PassResult, run_pass
 from skipit.compressor.calibration import BatchPrefix, batch_domains, count_samples
-from skipit.compressor.heal import HealConfig, HealData, heal_
-from skipit.compressor.reference import Chain
+from skipit.compressor.heal import HealConfig, HealData, build_heal_data, heal_
 from skipit.errors import InvalidOptionError, NothingToRemoveError
 
 log = logging.getLogger(__name__)
@@ -178,10 +177,26 @@ class Certificate:
         """The certified upper bound on mean KL (nats/token) on the held-out split (worst domain by default)."""
         return float(self.holdout.get("bound", {}).get("kl_hi", self.holdout["kl"]["hi"]))
 
+    FORMAT = "skipit-certificate/1"
+
     def as_dict(self) -> dict[str, Any]:
-        out = asdict(self)
+        """JSON-able record with its format version; :meth:`from_dict` reads it back."""
+        out = {"format": self.FORMAT, **asdict(self)}
         out["statement"] = self.statement()
         return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Certificate":
+        """The certificate :meth:`as_dict` wrote (JSON keys of ``combined_scores`` turned back into ints)."""
+        fmt = data.get("format", cls.FORMAT)
+        if fmt != cls.FORMAT:
+            raise InvalidOptionError(f"certificate format {fmt!r} is not {cls.FORMAT!r}; rerun skipit-compress "
+                                     "with this skipit version")
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in data.items() if k in names}
+        kw["steps"] = [Step(**s) for s in data.get("steps", [])]
+        kw["combined_scores"] = {int(k): v for k, v in data.get("combined_scores", {}).items()}
+        return cls(**kw)
 
     def statement(self) -> str:
         """One sentence a user can read."""
@@ -306,7 +321,7 @@ def certify(
         raise NothingToRemoveError(_nothing_message(policy, steps, slack=select_slack))
 
     hold_ref = do_pass("holdout", holdout, [], keep_reference=True, layer_scores=False).reference
-    heal_data = _heal_data(model, spec, calibration, reference, heal_extra, cfg) if healing else None
+    heal_data = build_heal_data(model, spec, calibration, reference, heal_extra, cfg) if healing else None
     healed: dict[str, Any] | None = None
     cast: dict[str, Any] | None = None
     with _cast_twin(model, spec, measure_dtype) as twin:
@@ -340,7 +355,7 @@ def certify(
         layers=sorted(chosen),
         order=list(chosen),
         n_layers=n,
-        policy={**asdict(policy), "protect_resolved": sorted(protected), "eps": cfg.eps},
+        policy={**asdict(policy), "protect": list(policy.protect), "protect_resolved": sorted(protected), "eps": cfg.eps},
         holdout={**div.as_dict(), "tokens": verdict.tokens["text"], "split": "holdout", **figures,
                  "dtype": measure_dtype or str(next(model.parameters()).dtype).removeprefix("torch."), "cast": cast},
         calibration=current_div.as_dict() if current_div else {},
@@ -468,16 +483,6 @@ def _try_swap(policy: CertifyPolicy, select: CertifyPolicy, do_pass: Callable[..
         return current, div, chosen
     cost[u] = cost.pop(worst) + tdiv.kl.mean - div.kl.mean
     return trial, tdiv, swapped[u]
-
-
-def _heal_data(model: Any, spec: Any, calibration: Sequence[Any], reference: list[Any], extra: Sequence[Any],
-               cfg: AnalyzeConfig) -> HealData:
-    """Healing batches with the original's log-probs: the calibration split's (already measured) + ``extra``."""
-    sources = ["calibration"] * len(calibration)
-    if not extra:
-        return HealData(calibration, reference, sources)
-    extra_ref = run_pass(model, spec, extra, config=cfg, keep_reference=True, layer_scores=False).reference
-    return HealData(Chain(calibration, extra), Chain(reference, extra_ref), sources + ["heal_data"] * len(extra))
 
 
 def _healed_try(do_pass: Callable[..., PassResult], emit: Callable[[str, dict[str, Any]], None], model: Any, spec: Any,

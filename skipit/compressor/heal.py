@@ -135,8 +135,8 @@ class HealData:
     ``--heal-data`` file) that the batches hold, for the record and for the held-out guarantee.
     """
 
-    batches: list[Any]
-    teacher: list[Any]
+    batches: Sequence[Any]
+    teacher: Sequence[Any]
     sources: list[str]
 
     def ids(self) -> dict[str, list[int]]:
@@ -144,6 +144,23 @@ class HealData:
         for batch, source in zip(self.batches, self.sources):
             out.setdefault(source, []).extend(batch.sample_ids)
         return {k: sorted(v) for k, v in out.items()}
+
+
+def build_heal_data(model: Any, spec: Any, calibration: Sequence[Any], reference: Sequence[Any],
+                    extra: Sequence[Any] = (), config: Any = None) -> HealData:
+    """Healing batches with the original's log-probs: the calibration split's (``reference``, already
+    measured by the certifier) plus ``extra`` batches (``--heal-data``), measured here with the model as it
+    is now — call before any layer is trained. Nothing is copied: the batches are encoded when read and the
+    log-probs read back from their reference files (:class:`~skipit.compressor.reference.Chain` joins them)."""
+    from skipit.compressor.analyze import AnalyzeConfig, run_pass
+    from skipit.compressor.reference import Chain
+
+    sources = ["calibration"] * len(calibration)
+    if not extra:
+        return HealData(calibration, reference, sources)
+    extra_ref = run_pass(model, spec, extra, config=config or AnalyzeConfig(), keep_reference=True,
+                         layer_scores=False).reference
+    return HealData(Chain(calibration, extra), Chain(reference, extra_ref), sources + ["heal_data"] * len(extra))
 
 
 def heal_(model: Any, spec: Any, removed: Sequence[int], data: HealData, config: HealConfig = HealConfig(),

@@ -15,6 +15,15 @@ The file is written next to ``out_path`` under a temporary name, read back and c
 count, block count, per-layer arrays, the bytes and type of every kept tensor, every copied field),
 then renamed into place, so ``out_path`` is either the old file or a complete, checked new one.
 
+With ``replace`` (e.g. after healing), some kept tensors are written from Hugging Face weights instead:
+each is mapped to its GGUF tensor (``model.layers.15.self_attn.q_proj.weight`` → ``blk.15.attn_q.weight``,
+before renumbering), put back into llama.cpp's layout (the inverse of what transformers does when it
+loads the GGUF; see :mod:`skipit.exporters.gguf_tensors` for the architectures this is implemented for)
+and re-quantized to the source tensor's own GGML type (or to ``replace_type``), or written as F16 where the
+``gguf`` package cannot write that type (K-quants, i-quants); :attr:`GgufExport.healed` records which, the
+re-quantization error and how much of the change from the source tensor the written values keep. Every
+other tensor keeps its bytes.
+
 Block indices are those of the Hugging Face model loaded from the same GGUF (transformers maps
 ``blk.{i}`` to ``model.layers.{i}``), i.e. a certificate's ``layers``. Architectures for which
 llama.cpp derives per-layer behaviour from the layer index rather than from metadata are handled
@@ -31,7 +40,7 @@ import re
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from skipit.errors import BackendUnavailableError, ExportError
 
@@ -58,6 +67,14 @@ class GgufExport:
 
     ``as_dict()`` is for the manifest: it names the file (``file``), not its absolute path, which points
     into a staging folder while the pipeline runs.
+
+    ``healed`` (only when tensors were replaced, else None and left out of ``as_dict()``): ``type``
+    (``"source"`` or the ``replace_type``), ``tensors`` (how many), ``blocks`` (original numbering),
+    ``written_types`` ({GGML type: count}), ``f16_fallback`` ({output tensor name: why it is F16 and not
+    its source type}), ``requant_error`` (``max_abs``/``mean_abs`` of written − given, in the file's
+    layout), ``largest_change`` (‖given − source‖ / ‖source‖ and the output tensor name), and
+    ``change_kept`` (⟨written − source, given − source⟩ / ‖given − source‖²: the share of what training
+    changed that the file keeps; 1 = all, 0 = re-quantization rounded it back to the source's values).
     """
 
     path: Path
@@ -69,11 +86,15 @@ class GgufExport:
     size_bytes: int
     source_size_bytes: int
     sliced_keys: tuple[str, ...]
+    #: with ``replace``: what was written from the given weights (see :func:`export_gguf`); None without
+    healed: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["file"] = self.path.name
         del d["path"]
+        if d["healed"] is None:
+            del d["healed"]
         return d
 
 
@@ -235,23 +256,176 @@ def _ranges(values: Sequence[int]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+# Replacing tensors by Hugging Face weights (healing)
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Replacement:
+    hf_name: str
+    data: Any  # numpy array handed to GGUFWriter.add_tensor
+    qtype: Any  # the GGML type written
+    fallback: str | None  # why qtype is not the source's type
+
+
+_NUMBERING = ("keys are Hugging Face parameter names in ORIGINAL layer numbering, like `removed` (the names a "
+              "healing record lists); read them from the slim model with slim_model_tensors(slim_model, removed, names)")
+
+
+def _as_float32(value: Any, hf_name: str) -> Any:
+    import numpy as np
+
+    if hasattr(value, "detach"):  # a torch tensor (any dtype, any device)
+        import torch
+
+        value = value.detach().to(device="cpu", dtype=torch.float32).numpy()
+    arr = np.asarray(value, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        raise ExportError(f"replace[{hf_name!r}] holds NaN or infinite values; it cannot be written")
+    return arr
+
+
+def _plan_replacements(reader: Any, plan: _Plan, source: Path, replace: Mapping[str, Any], replace_type: str | None,
+                       gguf: Any) -> tuple[dict[str, _Replacement], dict[str, Any]]:
+    """Map, transform and re-quantize ``replace``; return {source tensor name: replacement} and the record."""
+    import numpy as np
+
+    from skipit.exporters.gguf_tensors import arch_tensors, dequantize, gguf_name_map, requantize, writable_type
+
+    wanted = writable_type(replace_type, gguf) if replace_type is not None else None
+    transforms = arch_tensors(plan.arch, reader.fields, source.name)
+    lookup = gguf_name_map(plan.arch, plan.n_blocks, gguf)
+    tensors = {t.name: t for t in reader.tensors}
+    kept, dropped = plan.kept, set(range(plan.n_blocks)) - set(plan.kept)
+    out: dict[str, _Replacement] = {}
+    err_max = err_sum = 0.0
+    n_values = 0
+    dot = change_sq = 0.0
+    largest = (0.0, "")
+    for hf_name in sorted(replace):
+        gname = lookup(hf_name)
+        if gname is None or gname not in tensors:
+            found = f" (gguf's name map gives {gname}, which the file does not hold)" if gname else ""
+            raise ExportError(f"replace[{hf_name!r}]: no tensor of {source.name} corresponds to it{found}; {_NUMBERING}")
+        if gname in out:
+            raise ExportError(f"replace[{hf_name!r}] and replace[{out[gname].hf_name!r}] both name {gname}")
+        m = _BLOCK_RE.fullmatch(gname)
+        block = int(m.group(1)) if m else None
+        if block in dropped:
+            raise ExportError(f"replace[{hf_name!r}] is for block {block}, which is being removed; {_NUMBERING}")
+        t = tensors[gname]
+        shape = tuple(int(x) for x in reversed(t.shape))  # numpy order, as dequantize gives it
+        hf_values = _as_float32(replace[hf_name], hf_name)
+        if hf_values.shape != shape:
+            raise ExportError(f"replace[{hf_name!r}] has shape {list(hf_values.shape)}, but {gname} in {source.name} "
+                              f"holds {list(shape)}; {_NUMBERING}")
+        values = np.ascontiguousarray(transforms.to_gguf(gname, hf_values, block), dtype=np.float32)
+        before = dequantize(t.data, t.tensor_type, gguf)
+        other = tensors.get(f"blk.{kept[block]}.{m.group(2)}") if m and block < len(kept) else None  # type: ignore[operator]
+        if other is not None and other.name != gname and values.ndim >= 2 and list(other.shape) == list(t.shape):
+            # the likely slip: a slim-model name (slim block j is original block kept[j]) passed as if original.
+            # Training moves a tensor by a few percent; another block's tensor is about as far as its own norm
+            if float(np.square(values - dequantize(other.data, other.tensor_type, gguf)).sum()) < \
+                    float(np.square(values - before).sum()) / 16:
+                raise ExportError(
+                    f"replace[{hf_name!r}] is far closer to {other.name} of {source.name} than to {gname}: it looks like the "
+                    f"slim model's layer {block} (original block {kept[block]}) passed under its slim name; {_NUMBERING}")
+        target = t.tensor_type
+        if wanted is not None and values.ndim >= 2:  # 1-D tensors (norms, biases) keep their type, F32 as a rule
+            block_size = gguf.GGML_QUANT_SIZES[wanted][0]
+            if values.shape[-1] % block_size:
+                raise ExportError(f"{gname} has rows of {values.shape[-1]} values, which {wanted.name} (blocks of "
+                                  f"{block_size}) cannot hold; choose another replace_type")
+            target = wanted
+        data, qtype, why = requantize(values, target, gguf)
+        written = dequantize(data, qtype, gguf)
+        err = np.abs(written - values)
+        err_max, err_sum, n_values = max(err_max, float(err.max(initial=0.0))), err_sum + float(err.sum()), n_values + err.size
+        delta = (values - before).astype(np.float64)
+        dot += float(((written - before).astype(np.float64) * delta).sum())
+        delta_sq = float(np.square(delta).sum())
+        change_sq += delta_sq
+        rel = (delta_sq / max(float(np.square(before.astype(np.float64)).sum()), 1e-30)) ** 0.5
+        if rel >= largest[0]:
+            largest = (rel, plan.renamed[gname])
+        out[gname] = _Replacement(hf_name, data, qtype, why)
+
+    types: dict[str, int] = {}
+    for r in out.values():
+        types[r.qtype.name] = types.get(r.qtype.name, 0) + 1
+    blocks = {int(m.group(1)) for m in map(_BLOCK_RE.fullmatch, out) if m}
+    record = {
+        "type": wanted.name if wanted is not None else "source",
+        "tensors": len(out),
+        "blocks": sorted(blocks),  # original numbering
+        "written_types": dict(sorted(types.items())),
+        "f16_fallback": {plan.renamed[g]: r.fallback for g, r in sorted(out.items()) if r.fallback},  # output names
+        "requant_error": {"max_abs": err_max, "mean_abs": err_sum / max(n_values, 1)},
+        "largest_change": {"relative": largest[0], "tensor": largest[1]},
+        "change_kept": None if change_sq == 0 else dot / change_sq,
+    }
+    return out, record
+
+
+def slim_model_tensors(slim_model: Any, removed: Sequence[int], names: Sequence[str]) -> dict[str, Any]:
+    """``{name: tensor}`` for :func:`export_gguf`'s ``replace``, read from the model after the removal.
+
+    ``names`` are HF parameter names in original numbering (a healing record's ``tensors``);
+    ``slim_model`` is the model after ``remove_layers_(…, removed)``, whose layers are renumbered
+    (original layer ``i`` is at ``i - (removed layers below i)``). The tensors are returned as they are
+    (no copy); keys stay in original numbering.
+    """
+    import bisect
+
+    from skipit.exporters.gguf_tensors import hf_block
+
+    params = dict(slim_model.named_parameters())
+    gone = sorted({int(i) for i in removed})
+    out = {}
+    for name in names:
+        old = hf_block(name)
+        slim = name
+        if old is not None:
+            if old in gone:
+                raise ExportError(f"{name} is a parameter of removed layer {old}; it is not in the slim model")
+            head, _, rest = name.rpartition(f"layers.{old}.")
+            slim = f"{head}layers.{old - bisect.bisect_left(gone, old)}.{rest}"
+        if slim not in params:
+            raise ExportError(f"the slim model has no parameter {slim} (for {name}); pass the model after remove_layers_ "
+                              "and the names in original numbering")
+        out[name] = params[slim]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------
-def export_gguf(source_gguf: str | os.PathLike, removed: Sequence[int], out_path: str | os.PathLike) -> GgufExport:
+def export_gguf(source_gguf: str | os.PathLike, removed: Sequence[int], out_path: str | os.PathLike,
+                replace: Mapping[str, Any] | None = None, *, replace_type: str | None = None) -> GgufExport:
     """Write ``source_gguf`` without the decoder blocks ``removed`` to ``out_path`` (see module docstring).
 
     Args:
         source_gguf: the GGUF the model was loaded from (only read).
         removed: block indices to drop, in original numbering (a certificate's ``layers``).
         out_path: the file to write (e.g. ``OUT/model.gguf``); an existing file there is replaced.
+        replace: tensors to write from Hugging Face weights instead of copying them (the healed layers):
+            ``{HF parameter name: torch tensor or array}``, names as in the model transformers loads from
+            this GGUF **in original layer numbering** (the same numbering as ``removed``; a healing record's
+            ``tensors``; :func:`slim_model_tensors` reads them from the slim model). Each is put in llama.cpp's
+            layout and re-quantized to its source tensor's GGML type, or written as F16 where ``gguf`` cannot
+            write that type. A value that looks like another block's tensor under the slim numbering is refused.
+        replace_type: write the replaced matrices as this GGML type instead of each one's source type
+            (``"Q8_0"``, ``"F16"``, any type ``gguf.quants`` writes); 1-D tensors keep their type. Re-quantizing
+            to a 4-bit source type rounds most of what healing changed back to the source's values (the
+            record's ``change_kept``; measured on SmolLM2 Q4_1: 6 % of the change and 15 % of the held-out
+            KL gain survive Q4_1, all of both survive Q8_0).
 
     Returns:
-        :class:`GgufExport` with the written path and what changed.
+        :class:`GgufExport` with the written path and what changed (``healed`` with ``replace``).
 
     Raises:
         ExportError: the source's blocks do not match its ``block_count``, the indices are not blocks of
-            the file, the removal cannot be expressed in GGUF for this architecture, or the written file
-            does not read back as expected.
+            the file, the removal cannot be expressed in GGUF for this architecture, a replacement does not
+            map onto a kept tensor of the file (or is for an architecture whose tensor layout skipit cannot
+            invert), or the written file does not read back as expected.
         BackendUnavailableError: the ``gguf`` package is not installed.
     """
     gguf = _gguf()
@@ -268,6 +442,8 @@ def export_gguf(source_gguf: str | os.PathLike, removed: Sequence[int], out_path
         raise ExportError(f"{source} is a big-endian GGUF; skipit writes little-endian GGUFs only and would have to "
                           "byte-swap its tensors. Use a little-endian conversion of the model")
     plan = _plan(reader, source, removed, gguf)
+    replaced, healed = (_plan_replacements(reader, plan, source, replace, replace_type, gguf) if replace
+                        else ({}, None))
     for key in plan.dropped_empty:
         log.warning("%s: metadata field %s is an empty array, which gguf's writer cannot write; it is left out",
                     source.name, key)
@@ -277,8 +453,8 @@ def export_gguf(source_gguf: str | os.PathLike, removed: Sequence[int], out_path
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        _write(reader, plan, tmp, gguf)
-        _check_written(reader, plan, tmp, gguf)
+        _write(reader, plan, replaced, tmp, gguf)
+        _check_written(reader, plan, replaced, tmp, gguf)
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o666 & ~umask)  # mkstemp creates 0600; a model file is as readable as any other output
@@ -290,14 +466,25 @@ def export_gguf(source_gguf: str | os.PathLike, removed: Sequence[int], out_path
         path=out_path, architecture=plan.arch, block_count_before=plan.n_blocks, block_count_after=len(plan.kept),
         removed=tuple(i for i in range(plan.n_blocks) if i not in plan.kept), tensors=len(plan.renamed), size_bytes=out_path.stat().st_size,
         source_size_bytes=source.stat().st_size,
-        sliced_keys=tuple(k for k in plan.changed if k != f"{plan.arch}.block_count"),
+        sliced_keys=tuple(k for k in plan.changed if k != f"{plan.arch}.block_count"), healed=healed,
     )
     log.info("GGUF: dropped blocks %s of %d from %s → %s (%.1f MB → %.1f MB)", list(result.removed), plan.n_blocks,
              source.name, out_path, result.source_size_bytes / 1e6, result.size_bytes / 1e6)
+    if healed:
+        log.info("GGUF: %d tensors of blocks %s written from the given weights as %s (largest re-quantization "
+                 "error %.3g; %.0f%% of their change from the source kept)", healed["tensors"], healed["blocks"],
+                 healed["written_types"], healed["requant_error"]["max_abs"], 100 * (healed["change_kept"] or 0))
+        for name, why in healed["f16_fallback"].items():
+            log.warning("GGUF: %s written as F16: %s", name, why)
+        if healed["change_kept"] is not None and healed["change_kept"] < 0.5:
+            log.warning("GGUF: re-quantizing to %s keeps only %.0f%% of the trained tensors' change from the source: "
+                        "model.gguf carries little of the healing (model/ has all of it); a finer type for the "
+                        "trained tensors (replace_type='Q8_0') keeps it", ", ".join(healed["written_types"]),
+                        100 * healed["change_kept"])
     return result
 
 
-def _write(reader: Any, plan: _Plan, path: Path, gguf: Any) -> None:
+def _write(reader: Any, plan: _Plan, replaced: dict[str, _Replacement], path: Path, gguf: Any) -> None:
     vt = gguf.GGUFValueType
     writer = gguf.GGUFWriter(path, plan.arch)  # writes general.architecture itself
     alignment = _scalar(reader, "general.alignment")
@@ -312,7 +499,10 @@ def _write(reader: Any, plan: _Plan, path: Path, gguf: Any) -> None:
         sub_type = field.types[-1] if field.types[0] == vt.ARRAY else None
         writer.add_key_value(key, value, field.types[0], sub_type=sub_type)
     for t in reader.tensors:
-        if t.name in plan.renamed:
+        r = replaced.get(t.name)
+        if r is not None:
+            writer.add_tensor(plan.renamed[t.name], r.data, raw_shape=r.data.shape, raw_dtype=r.qtype)
+        elif t.name in plan.renamed:
             writer.add_tensor(plan.renamed[t.name], t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
     try:
         writer.write_header_to_file()
@@ -322,8 +512,9 @@ def _write(reader: Any, plan: _Plan, path: Path, gguf: Any) -> None:
         writer.close()
 
 
-def _check_written(reader: Any, plan: _Plan, path: Path, gguf: Any) -> None:
-    """Read ``path`` back: metadata as planned, every kept tensor byte-identical and of the same type."""
+def _check_written(reader: Any, plan: _Plan, replaced: dict[str, _Replacement], path: Path, gguf: Any) -> None:
+    """Read ``path`` back: metadata as planned, every kept tensor byte-identical and of the same type (a
+    replaced one: the planned bytes and type)."""
     import numpy as np
 
     out = gguf.GGUFReader(path)
@@ -336,13 +527,15 @@ def _check_written(reader: Any, plan: _Plan, path: Path, gguf: Any) -> None:
         if name is None:
             continue
         w = written.get(name)
+        r = replaced.get(t.name)
+        qtype, data, what = (t.tensor_type, t.data, f"source {t.name}") if r is None else (r.qtype, r.data, f"the new {t.name}")
         if w is None:
             problems.append(f"tensor {name} (from {t.name}) is missing")
-        elif w.tensor_type != t.tensor_type or list(w.shape) != list(t.shape):
+        elif w.tensor_type != qtype or list(w.shape) != list(t.shape):
             problems.append(f"tensor {name} is {w.tensor_type.name}{list(w.shape)}, "
-                            f"source {t.name} {t.tensor_type.name}{list(t.shape)}")
-        elif not np.array_equal(np.asarray(w.data).view(np.uint8), np.asarray(t.data).view(np.uint8)):
-            problems.append(f"tensor {name} differs in its bytes from {t.name}")
+                            f"{what} {qtype.name}{list(t.shape)}")
+        elif not np.array_equal(np.asarray(w.data).view(np.uint8).ravel(), np.asarray(data).view(np.uint8).ravel()):
+            problems.append(f"tensor {name} differs in its bytes from {what}")
         if len(problems) > 5:
             break
     for key, field in reader.fields.items():
@@ -372,4 +565,4 @@ def gguf_block_count(path: str | os.PathLike) -> int:
     return int(n)
 
 
-__all__ = ["GgufExport", "export_gguf", "gguf_block_count"]
+__all__ = ["GgufExport", "export_gguf", "gguf_block_count", "slim_model_tensors"]

@@ -5,7 +5,8 @@ Exit codes (:attr:`ValidationReport.exit_code`):
 
 ====  ==========================================================================================
 0     every check passed
-4     parity failed: KL(original ‖ slim) above ``--max-kl`` or top-1 agreement below ``--min-top1``
+4     parity failed: KL(original ‖ slim) above ``--max-kl``, top-1 agreement below ``--min-top1``, or an
+      ``--lm-eval`` task's accuracy dropped by more than ``--max-acc-drop``
 5     speed failed: the slim model is not ``--min-speedup`` times faster than the original (torch)
 6     export mismatch: the ONNX graph (``--onnx``) disagrees with the slim torch model
 2     bad input or option (raised as :class:`~skipit.errors.SkipitError`, as everywhere in skipit)
@@ -25,7 +26,11 @@ Data: ``--data FILE.jsonl`` or, without it, the data the slim model was certifie
 manifest), and its ``test`` split by default — the part that played no role in choosing or
 certifying the layers. Without ``--max-kl`` the bound is the one the slim model was certified for
 (manifest), if any. By default a bound is checked against the *conservative* end of the 95 %
-interval (upper for KL, lower for agreement); ``conservative=False`` compares point estimates.
+interval (upper for KL and accuracy drop, lower for agreement); ``conservative=False`` compares point
+estimates.
+
+``--lm-eval TASKS`` (:mod:`skipit.validators.lm_eval`) also runs lm-eval tasks on both models; the tasks
+are checked to load before the models are.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from typing import Any, Callable, Sequence
 from skipit.compressor.loading import LoadedModel, LoadOptions
 from skipit.errors import ExportError, ExportMismatchError, InvalidOptionError, ModelLoadError, TokenizerMismatchError
 from skipit.validators.backend import BackendParity, BackendParityConfig
+from skipit.validators.lm_eval import LmEvalConfig, LmEvalReport
 from skipit.validators.parity import ParityConfig, ParityReport
 from skipit.validators.speed import SpeedConfig, SpeedResult
 
@@ -65,6 +71,8 @@ class GateConfig:
             and decode); None: speed is not measured.
         onnx: exported ONNX model (directory or file) to compare with the slim torch model.
         conservative: compare the conservative end of each interval with its bound (default), not the mean.
+        lm_eval: lm-eval tasks to run on both models (and ``max_acc_drop``, their bound); None: none.
+        revision / cache_dir: for an original given as a Hub id (:func:`~skipit.compressor.hub.resolve_model`).
     """
 
     data: Path | None = None
@@ -79,6 +87,9 @@ class GateConfig:
     backend: BackendParityConfig = field(default_factory=BackendParityConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     load: LoadOptions = field(default_factory=LoadOptions)
+    lm_eval: LmEvalConfig | None = None
+    revision: str | None = None
+    cache_dir: Path | None = None
 
     def __post_init__(self) -> None:
         from skipit.compressor.calibration import SPLITS
@@ -129,6 +140,7 @@ class ValidationReport:
     removed: list[int] | None = None
     onnx: BackendParity | None = None
     speed: SpeedResult | None = None
+    lm_eval: LmEvalReport | None = None
 
     @property
     def failed_kinds(self) -> list[str]:
@@ -149,6 +161,7 @@ class ValidationReport:
             "failed": self.failed_kinds, "original": self.original, "slim": self.slim, "removed": self.removed,
             "data": self.data, "checks": [c.as_dict() for c in self.checks], "parity": self.parity.as_dict(),
             "onnx": self.onnx.as_dict() if self.onnx else None, "speed": self.speed.as_dict() if self.speed else None,
+            "lm_eval": self.lm_eval.as_dict() if self.lm_eval else None,
         }
 
     def summary(self) -> str:
@@ -326,6 +339,16 @@ def _parity_checks(parity: ParityReport, config: GateConfig, certified: float | 
     return checks
 
 
+def _lm_eval_checks(report: LmEvalReport, config: GateConfig) -> list[Check]:
+    bound = config.lm_eval.max_acc_drop if config.lm_eval else None
+    if bound is None:
+        return []
+    cons = config.conservative
+    return [Check.of(f"{t.task} {t.metric} drop" + (" (upper 95% bound)" if cons else ""), "parity", t.drop(cons), bound,
+                     "<=", f"{t.original.mean:.3f} → {t.slim.mean:.3f} on {t.items} items, {t.changed} scored differently")
+            for t in report.tasks]
+
+
 def _export_checks(onnx: BackendParity, config: GateConfig) -> list[Check]:
     return [
         Check.of("onnx max |Δlogit|", "export", onnx.logits.max_abs, config.backend.atol, "<=",
@@ -378,18 +401,27 @@ def validate(original_path: str | Path, slim_path: str | Path, config: GateConfi
     """Check ``slim_path`` against ``original_path``; see the module docstring. Never raises on a failed
     check (that is ``report.exit_code``); raises :class:`~skipit.errors.SkipitError` on bad input."""
     from skipit.compressor.arch import decoder_spec
+    from skipit.compressor.hub import resolve_model
     from skipit.compressor.loading import load_model
     from skipit.compressor.manifest import read_manifest
     from skipit.validators.backend import backend_parity
     from skipit.validators.parity import check_parity
 
     emit = progress or (lambda kind, info: None)
+    tasks = None
+    if config.lm_eval is not None:  # a missing lm-eval, an unknown task or an unreachable data set: before loading
+        from skipit.validators.lm_eval import prepare_tasks
+
+        emit("stage", {"name": f"loading lm-eval tasks {', '.join(config.lm_eval.tasks)}"})
+        tasks = prepare_tasks(config.lm_eval)
     slim_dir, manifest_path = _slim_dirs(Path(slim_path))
     manifest = read_manifest(manifest_path.parent) if manifest_path else None
     removed = (manifest or {}).get("layers", {}).get("removed")
     certified = ((manifest or {}).get("thresholds") or {}).get("max_kl")
     emit("stage", {"name": f"loading {original_path} and {slim_dir}"})
-    original, slim = load_model(original_path, config.load), load_model(slim_dir, config.load)
+    source = resolve_model(original_path, revision=config.revision, cache_dir=config.cache_dir,
+                           allow_pickle=config.load.allow_pickle, trust_remote_code=config.load.trust_remote_code)
+    original, slim = load_model(source.path, config.load), load_model(slim_dir, config.load)
     check_same_vocabulary(original, slim)
     if config.onnx is not None:
         check_onnx_vocabulary(Path(config.onnx), slim)
@@ -411,6 +443,13 @@ def validate(original_path: str | Path, slim_path: str | Path, config: GateConfi
         emit("stage", {"name": "measuring speed (runners interleaved)"})
         speed = _measure_speed(original.model, slim.model, config)
         checks += _speed_checks(speed, config)
-    report = ValidationReport(str(original_path), str(slim_dir), data_info, parity, checks, removed, onnx, speed)
+    accuracy = None
+    if tasks is not None:
+        from skipit.validators.lm_eval import compare_accuracy
+
+        accuracy = compare_accuracy(original, slim, tasks, config.lm_eval, emit)
+        checks += _lm_eval_checks(accuracy, config)
+    report = ValidationReport(str(original_path), str(slim_dir), data_info, parity, checks, removed, onnx, speed,
+                              accuracy)
     log.info("validation %s (exit code %d)", "passed" if report.passed else "failed", report.exit_code)
     return report

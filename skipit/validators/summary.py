@@ -64,7 +64,10 @@ def render_summary(report: Any) -> str:
                      f"top-1 {o.logits.top1_agreement:.4f}, greedy match {o.generation.token_match:.3f} ({o.describe()})")
     if report.speed is not None:
         lines += _speed_lines(report)
-    lines.append("checks:" if report.checks else "checks: none (give --max-kl, --min-top1 or --min-speedup)")
+    if getattr(report, "lm_eval", None) is not None:
+        lines += [f"lm-eval {t.task:<12} {t.metric} {t.original.mean:.3f} → {t.slim.mean:.3f}  (Δ {_est(t.difference, '+.3f')}, "
+                  f"paired, {t.items} items, {t.changed} scored differently)" for t in report.lm_eval.tasks]
+    lines.append("checks:" if report.checks else "checks: none (give --max-kl, --min-top1, --max-acc-drop or --min-speedup)")
     for c in report.checks:
         note = f"  ({c.note})" if c.note else ""
         lines.append(f"  [{'pass' if c.passed else 'FAIL'}] {c.name} = {c.value:.4g} {c.op} {c.bound:g}{note}")
