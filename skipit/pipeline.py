@@ -162,6 +162,7 @@ def compress(model_path: str | Path, out_dir: str | Path, options: CompressOptio
         cert.data = data.describe()
         emit("stage", {"name": f"removing layers {cert.layers} and saving"})
         config_diff = remove_layers_(loaded.model, spec, cert.layers)
+        healed = _healed_tensors(loaded, cert) if loaded.gguf_file and cert.healing else None
         cast_weights_(loaded.model, save_dtype)  # the certificate was measured in this dtype (certify)
         tmp = output.staging
         save_checkpoint(loaded.model, loaded.processor, None if loaded.gguf_file else loaded.model_dir, tmp / "model")
@@ -178,11 +179,8 @@ def compress(model_path: str | Path, out_dir: str | Path, options: CompressOptio
             analyze_config=asdict(options.analyze),
             reload_check=reload_facts,
         )
-        if loaded.gguf_file and cert.healing:  # the source's bytes would carry the unhealed weights
-            log.warning("model.gguf not written: healed layers would need re-quantization (model/ holds the healed model)")
-            manifest["gguf"] = {"skipped": "healed layers are not re-quantized into the GGUF yet"}
-        elif loaded.gguf_file:
-            manifest["gguf"] = _export_gguf(loaded.model_dir / loaded.gguf_file, cert.layers, tmp, emit)
+        if loaded.gguf_file:
+            manifest["gguf"] = _export_gguf(loaded.model_dir / loaded.gguf_file, cert.layers, tmp, emit, healed)
         write_manifest(tmp, manifest)
         write_atomic(tmp / "README.md", model_card(manifest))
         write_atomic(tmp / "model" / "README.md", hub_model_card(
@@ -209,19 +207,47 @@ def placement(loaded: LoadedModel) -> dict[str, Any]:
     return {"modules_per_device": counts, "device_map": {k: str(v) for k, v in loaded.device_map.items()}}
 
 
-def _export_gguf(source: Path, removed: list[int], tmp: Path, emit: Progress) -> dict[str, Any]:
-    """GGUF in → ``OUT/model.gguf`` out: the removed blocks dropped, every other byte kept (see exporters.gguf)."""
+def _healed_tensors(loaded: LoadedModel, cert: Certificate) -> dict[str, Any]:
+    """The trained tensors of a healed slim model (original numbering, full precision, before the save cast)."""
+    from skipit.exporters.gguf import slim_model_tensors
+
+    tensors = slim_model_tensors(loaded.model, cert.layers, cert.healing["tensors"])  # type: ignore[index]
+    return {k: v.detach().clone() for k, v in tensors.items()}
+
+
+#: below this share of the healing change kept by the source's quantization type, trained tensors go in as Q8_0
+MIN_CHANGE_KEPT = 0.5
+
+
+def _export_gguf(source: Path, removed: list[int], tmp: Path, emit: Progress,
+                 healed: dict[str, Any] | None = None) -> dict[str, Any]:
+    """GGUF in → ``OUT/model.gguf`` out: the removed blocks dropped, every other byte kept (see exporters.gguf).
+
+    With ``healed`` (trained tensors, original numbering) those tensors are re-quantized to the source's
+    type; where that keeps less than :data:`MIN_CHANGE_KEPT` of what healing changed (4-bit steps are
+    coarser than a healing update: 6 % kept on SmolLM2 Q4_1), they are written as Q8_0 instead.
+    """
     from skipit.errors import ExportError
     from skipit.exporters.gguf import export_gguf
 
-    emit("stage", {"name": f"writing model.gguf (blocks {removed} dropped, quantized tensors copied byte for byte)"})
+    what = "healed tensors re-quantized" if healed else "quantized tensors copied byte for byte"
+    emit("stage", {"name": f"writing model.gguf (blocks {removed} dropped, {what})"})
+    out = tmp / "model.gguf"
     try:
-        written = export_gguf(source, removed, tmp / "model.gguf").as_dict()
+        written = export_gguf(source, removed, out, replace=healed).as_dict()
+        kept = (written.get("healed") or {}).get("change_kept")
+        if kept is not None and kept < MIN_CHANGE_KEPT:
+            log.warning("the source's type keeps %.0f %% of the healing change: trained tensors written as Q8_0", 100 * kept)
+            written = {**export_gguf(source, removed, out, replace=healed, replace_type="Q8_0").as_dict(),
+                       "source_type_change_kept": kept}
     except ExportError as exc:  # e.g. a removal llama.cpp would run as another model: the rest is still valid
         log.warning("model.gguf not written: %s", exc)
         return {"skipped": str(exc)}
-    return {**written, "note": "the certificate was measured on the dequantized model; model.gguf keeps the source's "
-                               "own quantized tensors for every kept block"}
+    note = ("the certificate was measured on the dequantized model; model.gguf keeps the source's own quantized "
+            "tensors for every kept block")
+    if healed:
+        note += ", except the healed tensors, re-quantized from the healed weights (see healed)"
+    return {**written, "note": note}
 
 
 class _Stages:

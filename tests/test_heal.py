@@ -117,3 +117,24 @@ def test_vlm_healing_trains_only_language_decoder_layers(tiny_model_dir, tmp_pat
     for name in outside:  # vision tower, projector, embeddings, final norm, LM head
         assert name in slim and (slim[name] == source[name]).all(), f"{name} changed"
     assert result.manifest["reload_check"]["max_abs_logit_error"] <= 1e-4
+
+
+def test_a_healed_gguf_carries_the_healed_weights(tiny_model_dir, tmp_path: Path) -> None:
+    """GGUF in, --heal: model.gguf holds the trained tensors re-quantized (here F32, the source's type), so
+    llama.cpp's file and model/ are the same model."""
+    import torch
+    import transformers
+
+    from test_hostile_input import _write_gguf
+
+    src = _write_gguf(tiny_model_dir(LLAMA), tmp_path / "tiny.gguf")
+    result = compress(src, tmp_path / "out", _options(heal=HealConfig(steps=6, lr=1e-3), save_dtype="float32"))
+    healing, gguf = result.certificate.healing, result.manifest["gguf"]
+    assert gguf["file"] == "model.gguf" and "healed tensors" in gguf["note"]
+    assert gguf["healed"]["change_kept"] == pytest.approx(1.0, abs=1e-6)
+    assert healing["trained_layers"] and gguf["healed"]["tensors"] == len(healing["tensors"])
+    from_gguf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file="model.gguf").eval()
+    from_dir = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model").eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        assert torch.allclose(from_gguf(ids).logits, from_dir(ids).logits, atol=1e-4)

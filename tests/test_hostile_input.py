@@ -302,6 +302,12 @@ def _validate(capsys, tiny_model_dir, slim: Path, tmp_path: Path, *extra: str) -
     return code, err
 
 
+def _assert_error_report(path: Path, code: int) -> None:
+    """A refused gate leaves no report that could pass for a result: only the JSON error object."""
+    written = json.loads(path.read_text())
+    assert set(written) == {"error"} and written["error"]["exit_code"] == code, written
+
+
 def _edit_tokenizer(model_dir: Path, edit) -> None:
     path = model_dir / "tokenizer.json"
     tok = json.loads(path.read_text())
@@ -332,7 +338,7 @@ def test_validate_checks_the_slim_models_own_tokenizer(capsys, tiny_model_dir, s
     assert got == code, err
     if expected is not None:
         assert expected in err and "copy the original's tokenizer" in err and "Traceback" not in err, err
-        assert not (tmp_path / "report.json").exists()
+        _assert_error_report(tmp_path / "report.json", code)
 
 
 def test_validate_slim_with_another_vocabulary(capsys, tiny_model_dir, slim_out: Path, tmp_path: Path) -> None:
@@ -344,7 +350,7 @@ def test_validate_slim_with_another_vocabulary(capsys, tiny_model_dir, slim_out:
         shutil.copy(f, other / "model" / f.name)
     code, err = _validate(capsys, tiny_model_dir, other, tmp_path)
     assert code == 2 and "predicts over 330 tokens but the original" in err and "over 320" in err, err
-    assert not (tmp_path / "report.json").exists()
+    _assert_error_report(tmp_path / "report.json", 2)
 
 
 def _onnx_declaring_vocab(folder: Path, vocab: int | None) -> Path:
@@ -368,7 +374,8 @@ def test_validate_onnx_with_another_vocabulary(capsys, tiny_model_dir, slim_out:
     onnx_dir = _onnx_declaring_vocab(tmp_path / "export", vocab)
     code, err = _validate(capsys, tiny_model_dir, slim_out, tmp_path, "--onnx", str(onnx_dir))
     assert code == 6 and f"{source} predicts over {vocab or 999} tokens but the slim model" in err, err
-    assert "export the slim model again" in err and not (tmp_path / "report.json").exists()
+    assert "export the slim model again" in err
+    _assert_error_report(tmp_path / "report.json", 6)
 
 
 # --------------------------------------------------------------------------- bounded memory

@@ -110,7 +110,7 @@ def compressed(tiny_model_dir, calib_file: Path, tmp_path_factory: pytest.TempPa
             started = time.perf_counter()
             code = compress_main([str(source), str(out), "--max-kl", "1e9", "--max-layers", "2", "--export",
                                   "onnx", "--exporter", EXPORTER[name], "--validate", "--calib", str(calib_file),
-                                  "--max-length", "48", "--probe-width", "1"])
+                                  "--max-length", "48", "--probe-width", "1", "--max-vision-attention", "none"])
             cache[name] = Run(name, source, out, code, time.perf_counter() - started)
             log.info("skipit-compress %s: exit %d in %.0f s", name, code, cache[name].seconds)
         return cache[name]
@@ -257,3 +257,16 @@ def test_constant_float_arange_keeps_torch_length() -> None:
     probe = np.linspace(0, 0.9999, 13, dtype=np.float32)
     got = session.run(None, {session.get_inputs()[0].name: probe})[0]
     np.testing.assert_array_equal(got, Buckets()(torch.from_numpy(probe)).numpy())
+
+
+def test_cross_modal_condition_that_keeps_every_layer_is_named(tiny_model_dir, calib_file: Path, tmp_path: Path,
+                                                               capsys) -> None:
+    """A random tiny VLM's text attends mostly to the image in every layer: exit 3 naming the condition and its flag."""
+    code = compress_main([str(tiny_model_dir("llava-p8")), str(tmp_path / "out"), "--max-kl", "1e9",
+                          "--max-layers", "2", "--calib", str(calib_file), "--max-length", "48", "--probe-width", "1"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 3 and "cross-modal condition keeps every unprotected layer" in err and "--max-vision-attention" in err, err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as refused:
+        compress_main([str(tiny_model_dir("llava-p8")), str(tmp_path / "o2"), "--max-vision-attention", "1.5"])
+    assert refused.value.code == 2 and "expected a share in (0, 1] or 'none'" in capsys.readouterr().err

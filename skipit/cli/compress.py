@@ -24,6 +24,19 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,-1, got {text!r}") from None
 
 
+def _share_or_none(text: str) -> float | None:
+    """A share in (0, 1], or ``none``."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a share in (0, 1] or 'none', got {text!r}")
+    return value
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
     """Model loading and calibration-data options shared by ``compress`` and ``analyze``."""
     from skipit.pipeline import DataOptions
@@ -90,6 +103,11 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bound", choices=["worst-domain", "pooled"], default=CertifyPolicy.bound,
                    help="what the held-out check certifies: the worst domain's upper bound (default; domains come "
                         "from the built-in data or a JSONL \"domain\" field) or the pooled mean's")
+    g.add_argument("--max-vision-attention", type=_share_or_none, default=CertifyPolicy.max_vision_attention,
+                   metavar="SHARE",
+                   help="cross-modal condition (VLMs): a layer whose text tokens give more than SHARE of their "
+                        f"attention to image tokens is never removed (default {CertifyPolicy.max_vision_attention}; "
+                        "'none' turns the condition off)")
     g.add_argument("--probe-width", type=int,
                    help="best-ranked candidates tried per step: screened on a quarter of the calibration samples, the "
                         f"best {CertifyPolicy.verify_top} verified on all of them (default {CertifyPolicy.probe_width}; "
@@ -140,7 +158,8 @@ def options_from(args: argparse.Namespace, compress: bool) -> Any:
         kw = {} if args.max_kl is None and args.max_layers is None else {"max_kl": args.max_kl}
         width = {} if args.probe_width is None else {"probe_width": args.probe_width}
         policy = CertifyPolicy(**kw, max_layers=args.max_layers, min_top1=args.min_top1, protect=args.protect,
-                               confidence=args.confidence, bound=args.bound, **width)
+                               confidence=args.confidence, bound=args.bound,
+                               max_vision_attention=args.max_vision_attention, **width)
     return CompressOptions(
         heal=_heal_config(args) if getattr(args, "heal", False) else None,
         heal_data=getattr(args, "heal_data", None),

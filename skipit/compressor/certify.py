@@ -98,6 +98,9 @@ class CertifyPolicy:
             raise InvalidOptionError("probe_width and verify_top must be ≥ 1")
         if self.bound not in BOUNDS:
             raise InvalidOptionError(f"--bound {self.bound!r} is not one of {', '.join(BOUNDS)}")
+        share = self.max_vision_attention
+        if share is not None and not 0 < share <= 1:
+            raise InvalidOptionError(f"--max-vision-attention must be in (0, 1] or none, got {share}")
         if not 0 < self.screen_fraction <= 1:
             raise InvalidOptionError(f"screen_fraction must be in (0, 1], got {self.screen_fraction}")
 
@@ -317,6 +320,8 @@ def certify(
         if policy.swap_width and len(chosen) >= 2:
             current, current_div, chosen = _try_swap(policy, select, do_pass, screen, calibration, reference, screen_set,
                                                      current, chosen, cost, allowed, vision, steps, emit)
+    if not chosen and not steps and protected | set(allowed) != set(range(n)):
+        raise NothingToRemoveError(_cross_modal_message(policy, base.layers, protected))
     if not chosen:
         raise NothingToRemoveError(_nothing_message(policy, steps, slack=select_slack))
 
@@ -518,6 +523,17 @@ def _conditions(base: PassResult, chosen: list[int], cross_modal: dict[int, bool
         row["verified_kl_hi"] = None if step is None else step.kl_hi
         rows.append(row)
     return rows
+
+
+def _cross_modal_message(policy: CertifyPolicy, layers: Sequence[Any], protected: set[int]) -> str:
+    shares = ", ".join(f"{ls.index}: {ls.metrics['text']['vision_attention'].mean:.2f}" for ls in layers
+                       if ls.index not in protected and not policy.cross_modal_ok(ls))
+    return (
+        f"no layer can be removed: the cross-modal condition keeps every unprotected layer (text tokens give more "
+        f"than {policy.max_vision_attention} of their attention to image tokens; layer: share — {shares}). "
+        "Nothing was written. Removing such a layer can starve the text of the image; if you accept that, "
+        "raise --max-vision-attention (or 'none')."
+    )
 
 
 def _nothing_message(policy: CertifyPolicy, steps: list[Step], holdout_failed: bool = False, slack: float = 1.0) -> str:
