@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from skipit.compressor.analyze import AnalyzeConfig, run_pass
 from skipit.compressor.arch import decoder_spec
-from skipit.compressor.calibration import DataOptions, encode, load_calibration, read_jsonl
+from skipit.compressor.calibration import DataOptions, EncodedBatches, count_samples, encode, load_calibration, read_jsonl
 from skipit.compressor.certify import Certificate, CertifyPolicy, certify
 from skipit.compressor.dtypes import SAVE_DTYPES, cast_weights_, source_dtype
-from skipit.compressor.heal import HealConfig
+from skipit.compressor.heal import HealConfig, check_trainable
 from skipit.compressor.loading import LoadedModel, LoadOptions, load_model
+from skipit.compressor.reference import scratch_folder
 from skipit.compressor.manifest import build_manifest, hub_model_card, model_card, source_card_metadata, write_manifest
 from skipit.compressor.rewrite import remove_layers_, save_checkpoint, verify_reload
 from skipit import extras
@@ -24,6 +26,8 @@ from skipit.report import write_report
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, dict[str, Any]], None]
+#: folder inside the staging folder for a run's spill files (never part of the output)
+SCRATCH = ".skipit-scratch"
 
 
 @dataclass(frozen=True)
@@ -102,24 +106,22 @@ def prepare(model_path: str | Path, options: CompressOptions) -> tuple[LoadedMod
     return loaded, spec, data
 
 
-def encode_split(loaded: LoadedModel, spec: Any, data: Any, split: str, options: CompressOptions) -> list[Any]:
-    """Encode one split; each batch's ``sample_ids`` are indices into ``data.samples`` (the whole set)."""
+def encode_split(loaded: LoadedModel, spec: Any, data: Any, split: str, options: CompressOptions) -> EncodedBatches:
+    """One split's batches, encoded batch by batch when read, on the device the model's inputs go to; each
+    batch's ``sample_ids`` are indices into ``data.samples`` (the whole set)."""
     d = options.data
-    batches = encode(data.split(split), loaded.processor, spec, batch_size=d.batch_size, max_length=d.max_length,
-                     device=options.load.device)
-    for batch in batches:
-        batch.sample_ids = [data.splits[split][i] for i in batch.sample_ids]
-    return batches
+    return encode(data.split(split), loaded.processor, spec, batch_size=d.batch_size, max_length=d.max_length,
+                  device=loaded.input_device, ids=data.splits[split])
 
 
-def encode_heal_data(loaded: LoadedModel, spec: Any, options: CompressOptions) -> list[Any]:
+def encode_heal_data(loaded: LoadedModel, spec: Any, options: CompressOptions) -> Sequence[Any]:
     """``--heal-data``: every line of the file, encoded like the calibration data (no split: none is held out)."""
     if options.heal_data is None:
         return []
     d = options.data
     samples = read_jsonl(options.heal_data, with_images=spec.is_vlm)
     return encode(samples, loaded.processor, spec, batch_size=d.batch_size, max_length=d.max_length,
-                  device=options.load.device)
+                  device=loaded.input_device)
 
 
 def compress(model_path: str | Path, out_dir: str | Path, options: CompressOptions = CompressOptions(),
@@ -140,11 +142,16 @@ def compress(model_path: str | Path, out_dir: str | Path, options: CompressOptio
     stages = _Stages(progress, 5 + gguf + ("onnx" in options.export) + ("trt" in options.export) + options.validate)
     emit = stages.emit
     extras.require(*extras.for_compress(model_path, options))
-    with output_dir(out_dir, local.resolve() if local.exists() else None, options) as output:
+    with output_dir(out_dir, local.resolve() if local.exists() else None, options) as output, \
+            scratch_folder(output.staging / SCRATCH) as scratch:
+        # spill files (reference distributions, disk-offloaded weights) lie in the staging folder, on the output's
+        # disk, and go with it if the run dies; removed before the output is moved into place
         source = resolve_source(model_path, options)
         model_path = source.path.resolve()
         emit("stage", {"name": f"loading {source.repo_id or model_path}"})
         loaded, spec, data = prepare(model_path, options)
+        if options.heal is not None:
+            check_trainable(loaded.model)  # before hours of certification, not after
         calibration = encode_split(loaded, spec, data, "calibration", options)
         holdout = encode_split(loaded, spec, data, "holdout", options)
         heal_extra = encode_heal_data(loaded, spec, options)
@@ -163,7 +170,8 @@ def compress(model_path: str | Path, out_dir: str | Path, options: CompressOptio
         reload_facts = verify_reload(tmp / "model", loaded.model, spec, calibration[0].inputs)
         manifest = build_manifest(
             source={**source.as_dict(), "path": str(model_path), "gguf_file": loaded.gguf_file,
-                    "processor_note": loaded.processor_note, "dtype": source_dtype(model_path), "saved_dtype": save_dtype},
+                    "processor_note": loaded.processor_note, "dtype": source_dtype(model_path), "saved_dtype": save_dtype,
+                    **({"placement": placement(loaded)} if loaded.device_map else {})},
             architecture=type(loaded.model).__name__,
             certificate=cert,
             config_diff=config_diff,
@@ -185,8 +193,20 @@ def compress(model_path: str | Path, out_dir: str | Path, options: CompressOptio
         emit("stage", {"name": "writing report.md / report.html"})
         write_report(tmp, manifest, validation=validation.as_dict() if validation else None,
                      speed=validation.speed.as_dict() if validation and validation.speed else None)
+        loaded.release()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
         output.commit()
     return CompressResult(out_dir, cert, manifest, validation, exports)
+
+
+def placement(loaded: LoadedModel) -> dict[str, Any]:
+    """Where accelerate put the model (``--device auto``): modules per device, and the device map itself."""
+    counts: dict[str, int] = {}
+    device_map = loaded.device_map or {}
+    for where in device_map.values():
+        counts[str(where)] = counts.get(str(where), 0) + 1
+    return {"modules_per_device": counts, "device_map": {k: str(v) for k, v in device_map.items()}}
 
 
 def _healed_tensors(loaded: LoadedModel, cert: Certificate) -> dict[str, Any]:
@@ -291,7 +311,7 @@ def analyze_model(model_path: str | Path, options: CompressOptions = CompressOpt
     emit = progress or (lambda kind, info: None)
     loaded, spec, data = prepare(resolve_source(model_path, options).path, options)
     batches = encode_split(loaded, spec, data, "calibration", options)
-    emit("pass_start", {"split": "calibration", "removed": [], "samples": sum(b.size for b in batches)})
+    emit("pass_start", {"split": "calibration", "removed": [], "samples": count_samples(batches)})
     result = run_pass(loaded.model, spec, batches, config=options.analyze, on_batch=lambda k: emit("batch", {"n": k}))
     combined = result.combined(vision=spec.is_vlm and result.tokens["vision"] > 0)
     report: dict[str, Any] = {}

@@ -14,7 +14,9 @@ import pytest
 
 from skipit.exporters.onnx.optimum import optimum_available
 
-MAX_KL = 0.35
+# The default bound is the worst built-in domain's 95 % upper bound: for SmolLM2's best single layer (17)
+# that is ≈ 0.60 nats/token on held-out data (its pooled mean is ≈ 0.12), so 0.35 certifies nothing.
+MAX_KL = 0.8
 # In the transformers 4.57 environment (make test-optimum) the real model goes through optimum's exporter.
 BACKEND = "optimum" if optimum_available() else "torch"
 

@@ -38,8 +38,9 @@ def test_interleaved_schedule_and_exact_ratios() -> None:
     calls: list[str] = []
     runners = {"original": FakeRunner("original", 0.002, calls), "slim": FakeRunner("slim", 0.001, calls)}
     result = measure_speed(runners, seq_lens=(4, 8), repeats=3, warmup=2, decode_tokens=5)
-    # every measurement alternates the runners, warm-up rounds included, and is recorded in order
-    assert calls == ["original", "slim"] * (5 * 3)
+    # every measurement alternates the runners, the order rotating each round (none always follows the same one),
+    # warm-up rounds included, and is recorded in order
+    assert calls == (["original", "slim", "slim", "original"] * 2 + ["original", "slim"]) * 3
     assert [e["runner"] for e in result.schedule] == calls
     first = [e for e in result.schedule if e["phase"] == "prefill" and e["seq_len"] == 4]
     assert [e["warmup"] for e in first] == [True] * 4 + [False] * 6

@@ -44,8 +44,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     from skipit.pipeline import DataOptions
 
     g = p.add_argument_group("model loading")
-    g.add_argument("--device", default=LoadOptions.device,
-                   help=f"torch device: cpu, cuda, cuda:1 … (default: {LoadOptions.device})")
+    add_placement_flags(g)
     g.add_argument("--dtype", default=LoadOptions.dtype, type=dtype_arg,
                    help=f"weights dtype during measurement: float32, float16, bfloat16, auto (default: {LoadOptions.dtype})")
     g.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model dir")
@@ -60,6 +59,19 @@ def add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eps", type=float, default=AnalyzeConfig.eps,
                    help="cosine-distance threshold of the proximal condition")
     add_output_flags(p)
+
+
+def add_placement_flags(g: Any) -> None:
+    """``--device``, ``--max-memory``, ``--offload-dir`` (shared with ``skipit validate``)."""
+    g.add_argument("--device", default="cpu",
+                   help="torch device: cpu, cuda, cuda:1 …, or auto: accelerate places the model over the GPUs, then "
+                        "the CPU, then disk, within --max-memory (default: cpu)")
+    g.add_argument("--max-memory", metavar="DEVICE=SIZE,…",
+                   help="with --device auto: the most memory per device, e.g. 0=20GiB,1=20GiB,cpu=60GiB; what does "
+                        "not fit is offloaded to disk (default: the free memory)")
+    g.add_argument("--offload-dir", type=Path, metavar="DIR",
+                   help="with --device auto: where weights offloaded to disk are written (a temporary subfolder; "
+                        "default: beside the output)")
 
 
 def add_backend(p: argparse.ArgumentParser) -> None:
@@ -157,7 +169,8 @@ def options_from(args: argparse.Namespace, compress: bool) -> Any:
         save_dtype=getattr(args, "save_dtype", "source"),
         revision=getattr(args, "revision", None),
         cache_dir=getattr(args, "cache_dir", None),
-        load=LoadOptions(args.dtype, args.device, args.trust_remote_code, args.allow_pickle),
+        load=LoadOptions(args.dtype, args.device, args.trust_remote_code, args.allow_pickle,
+                         max_memory=args.max_memory, offload_dir=args.offload_dir),
         data=DataOptions(args.calib, args.calib_limit, args.batch_size, args.max_length),
         policy=policy,
         analyze=AnalyzeConfig(eps=args.eps),

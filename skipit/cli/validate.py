@@ -19,6 +19,7 @@ VALIDATE_EXAMPLES = """examples:
 
 def add_validate_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``validate`` subcommand to an ``argparse`` subparsers object and return its parser."""
+    from skipit.cli.compress import add_placement_flags
     from skipit.validators.parity import ParityConfig
 
     p = subparsers.add_parser(
@@ -56,7 +57,7 @@ def add_validate_parser(subparsers: Any) -> argparse.ArgumentParser:
     g = p.add_argument_group("model loading")
     g.add_argument("--revision", help="branch, tag or commit of an original given as a Hub id (default: main)")
     g.add_argument("--cache-dir", type=Path, help="Hugging Face cache for Hub ids (default: $HF_HOME/hub)")
-    g.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 … (default: cpu)")
+    add_placement_flags(g)
     g.add_argument("--dtype", default="float32", type=dtype_arg, help="float32 (default), float16, bfloat16 or auto")
     g.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model dirs")
     g.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights")
@@ -98,9 +99,11 @@ def gate_config(args: argparse.Namespace) -> Any:
         min_speedup=args.min_speedup, onnx=args.onnx, conservative=not args.point_estimates,
         parity=ParityConfig(new_tokens=args.new_tokens, accuracy=args.accuracy, batch_size=args.batch_size,
                             max_length=args.max_length),
-        backend=BackendParityConfig(atol=args.onnx_atol, device="cuda" if args.device.startswith("cuda") else "cpu"),
+        backend=BackendParityConfig(atol=args.onnx_atol, device="auto" if args.device == "auto"
+                                    else "cuda" if args.device.startswith("cuda") else "cpu"),
         speed=SpeedConfig(seq_lens=seq_lens, repeats=args.repeats),
-        load=LoadOptions(args.dtype, args.device, args.trust_remote_code, args.allow_pickle), lm_eval=lm_eval,
+        load=LoadOptions(args.dtype, args.device, args.trust_remote_code, args.allow_pickle,
+                         max_memory=args.max_memory, offload_dir=args.offload_dir), lm_eval=lm_eval,
         revision=args.revision, cache_dir=args.cache_dir,
     )
 

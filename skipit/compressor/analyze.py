@@ -143,7 +143,8 @@ class PassResult:
 
     layers: list[LayerStats]
     divergence: Divergence | None
-    reference: list[Any] | None
+    #: the pass's own log-probs (``keep_reference``): a :class:`~skipit.compressor.reference.ReferenceStore`
+    reference: Any
     tokens: dict[str, int]
     #: [layer, n]: mean angular distance (arccos(cos)/π, text tokens) between the input of layer ``layer``
     #: and the input of layer ``layer + n`` — the cost proxy of removing that contiguous block (Gromov et al.)
@@ -157,7 +158,7 @@ class PassResult:
         return self.divergence
 
     @property
-    def kept_reference(self) -> list[Any]:
+    def kept_reference(self) -> Any:
         """``reference`` of a pass run with ``keep_reference=True``; raises for a pass that kept none."""
         if self.reference is None:
             raise ValueError("this pass kept no reference (run it with keep_reference=True)")
@@ -237,7 +238,7 @@ def run_pass(
     batches: Sequence[Any],
     *,
     config: AnalyzeConfig = AnalyzeConfig(),
-    reference: list[Any] | None = None,
+    reference: Sequence[Any] | None = None,
     keep_reference: bool = False,
     layer_scores: bool = True,
     block_span: int = 0,
@@ -248,8 +249,10 @@ def run_pass(
     Args:
         reference: per-batch reference log-probs at text positions (from a previous pass with
             ``keep_reference=True``); when given, the end-to-end divergence is measured against it.
+            Read one batch at a time (any device; moved to the logits' device).
         keep_reference: return this pass's log-probs at text positions (fp16) and top-1 tokens, per
-            batch, as a new reference.
+            batch, as a new reference: a :class:`~skipit.compressor.reference.ReferenceStore`, written to
+            a file batch by batch (exact; RAM holds one batch), closed when it is garbage-collected.
         layer_scores: compute per-layer statistics (hooks); off for a pure verification pass.
         block_span: also measure the angular distance across every contiguous block of up to this
             many layers (:attr:`PassResult.block_distance`; needs ``layer_scores``).
@@ -257,14 +260,25 @@ def run_pass(
     """
     import torch
 
-    n_samples = sum(b.size for b in batches)
+    from skipit.compressor.calibration import count_samples
+    from skipit.compressor.reference import ReferenceStore
+
+    n_samples = count_samples(batches)
     n_layers = spec.num_layers
     acc = _Accumulator(n_samples, n_layers)
     state: dict[str, Any] = {}
     handles = []
-    kept_reference: list[Any] = []
+    kept_reference = ReferenceStore() if keep_reference else None
     div_rows: list[tuple[np.ndarray, ...]] = []
     tokens = {"text": 0, "vision": 0, "lens": 0}
+
+    def on(name: str, device: Any) -> Any:
+        """The batch's ``state[name]`` on ``device``: layers of a dispatched model live on several devices."""
+        key = (name, str(device))
+        cache = state["on"]
+        if key not in cache:
+            cache[key] = state[name].to(device)
+        return cache[key]
 
     def pre_hook(module: Any, args: tuple, kwargs: dict) -> None:
         state["h_in"] = args[0] if args else kwargs["hidden_states"]
@@ -272,12 +286,14 @@ def run_pass(
     def make_post_hook(pos: int) -> Callable:
         def post_hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
             h_out = output[0] if isinstance(output, tuple) else output
-            _layer_stats(pos, state["h_in"].float(), h_out.float())
+            # accelerate moves a layer's input to its device inside the call: the pre-hook saw the previous layer's
+            h_in = state["h_in"].to(h_out.device)
+            _layer_stats(pos, h_in.float(), h_out.float())
             if block_span:
                 trace = state.setdefault("trace", [])
                 if pos == 0:
-                    trace.append(state["h_in"][state["text"]].float())
-                trace.append(h_out[state["text"]].float())
+                    trace.append(h_in[on("text", h_in.device)].float())
+                trace.append(h_out[on("text", h_out.device)].float())
         return post_hook
 
     block_sum = np.full((n_layers, block_span + 1), np.nan) if block_span else None
@@ -290,28 +306,29 @@ def run_pass(
         trace = state.pop("trace", [])
         for i in range(n_layers):
             for n in range(1, min(block_span, n_layers - i) + 1):
-                cos = torch.nn.functional.cosine_similarity(trace[i], trace[i + n], dim=-1).clamp(-1, 1)
+                cos = torch.nn.functional.cosine_similarity(trace[i], trace[i + n].to(trace[i].device), dim=-1).clamp(-1, 1)
                 block_sum[i, n] += float((torch.arccos(cos) / np.pi).sum())
 
     def _layer_stats(pos: int, h_in: Any, h_out: Any) -> None:
         dist = 1 - torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1)  # [b, s]
         rel = (h_out - h_in).norm(dim=-1) / h_in.norm(dim=-1).clamp_min(1e-12)
         rows = state["rows"]
-        for modality, mask in (("text", state["text"]), ("vision", state["vision"])):
-            m = mask.float()
+        for modality in ("text", "vision"):
+            m = on(modality, dist.device).float()
             for key, value in (("cos_dist", dist), ("tail", (dist > config.eps).float()), ("rel_update", rel)):
                 acc.sums[(modality, key)][rows, pos] += (value * m).sum(-1).cpu().numpy()
         lr, lc = state["lens_idx"]
         if len(lr):
+            lr, lc = lr.to(h_out.device), lc.to(h_out.device)
             if pos == 0:
                 state["lens_prev"] = _lens_logprobs(spec, h_in[lr, lc])
             cur = _lens_logprobs(spec, h_out[lr, lc])
-            kl = _kl(cur, state["lens_prev"])
+            kl = _kl(cur, state["lens_prev"].to(cur.device))
             np.add.at(acc.lens_sum[:, pos], rows[lr.cpu().numpy()], kl.cpu().numpy())
             state["lens_prev"] = cur
 
     def record_xattn(pos: int, share: Any) -> None:
-        text = state["text"].float()
+        text = on("text", share.device).float()
         acc.xattn_sum[state["rows"], pos] += (share * text).sum(-1).cpu().numpy()
 
     stack = contextlib.ExitStack()
@@ -327,7 +344,7 @@ def run_pass(
             for b_idx, batch in enumerate(batches):
                 rows = np.arange(start, start + batch.size)
                 start += batch.size
-                state.update(rows=rows, text=batch.text_mask, vision=batch.vision_mask)
+                state.update(rows=rows, text=batch.text_mask, vision=batch.vision_mask, on={})
                 state["lens_idx"] = _lens_positions(batch.text_mask, config.lens_tokens) if layer_scores else ([], [])
                 for modality, mask in (("text", batch.text_mask), ("vision", batch.vision_mask)):
                     acc.counts[modality][rows] += mask.sum(-1).cpu().numpy()
@@ -337,14 +354,16 @@ def run_pass(
                 logits = model(**batch.inputs, use_cache=False).logits
                 if block_sum is not None and layer_scores:
                     _block_stats()
-                logp = torch.log_softmax(logits.float()[batch.text_mask], dim=-1)  # [n_text, vocab]
-                if keep_reference:
-                    # fp16 halves the memory of the stored distributions; the top-1 token is kept exactly,
+                text_mask = batch.text_mask.to(logits.device)
+                logp = torch.log_softmax(logits.float()[text_mask], dim=-1)  # [n_text, vocab]
+                if kept_reference is not None:
+                    # fp16 halves the bytes of the stored distributions; the top-1 token is kept exactly,
                     # since near-ties (common in small or random models) would flip in fp16
-                    kept_reference.append((logp.half(), logp.argmax(-1)))
+                    kept_reference.append(logp.half(), logp.argmax(-1), text_mask.sum(-1))
                 if reference is not None:
                     ref_logp, ref_top1 = reference[b_idx]
-                    div_rows.append(_divergence_rows(batch, logp, ref_logp.float(), ref_top1, rows))
+                    div_rows.append(_divergence_rows(batch, logp, ref_logp.to(logp.device).float(),
+                                                     ref_top1.to(logp.device), rows))
                 tokens["text"] += int(batch.text_mask.sum())
                 tokens["vision"] += int(batch.vision_mask.sum())
                 tokens["lens"] += len(state["lens_idx"][0])
@@ -356,26 +375,27 @@ def run_pass(
     layers = _finish_layers(acc, spec, config) if layer_scores else []
     divergence = _finish_divergence(div_rows, n_samples, config) if reference is not None else None
     blocks = block_sum / max(tokens["text"], 1) if block_sum is not None and layer_scores else None
-    return PassResult(layers, divergence, kept_reference if keep_reference else None, tokens, blocks)
+    return PassResult(layers, divergence, kept_reference, tokens, blocks)
 
 
 def _divergence_rows(batch: Any, logp: Any, ref: Any, ref_top1: Any, rows: np.ndarray) -> tuple[np.ndarray, ...]:
     """Per-token KL / top-1 agreement / next-token NLL, as (row ids, kl, agree, nll, nll_mask)."""
     import torch
 
-    text = batch.text_mask
-    row_of = torch.arange(text.shape[0]).unsqueeze(1).expand_as(text)[text].numpy()
-    pos = torch.arange(text.shape[1]).unsqueeze(0).expand_as(text)[text].numpy()
+    text = batch.text_mask.to(logp.device)
+    row_of = torch.arange(text.shape[0], device=text.device).unsqueeze(1).expand_as(text)[text].cpu().numpy()
+    pos = torch.arange(text.shape[1], device=text.device).unsqueeze(0).expand_as(text)[text].cpu().numpy()
     kl = _kl(ref, logp).clamp_min(0)
     agree = (ref_top1 == logp.argmax(-1)).float()
     # next-token NLL where the next position is a text token of the same row
-    ids = batch.inputs["input_ids"]
+    ids = batch.inputs["input_ids"].to(logp.device)
     nxt = torch.zeros_like(text)
     nxt[:, :-1] = text[:, 1:]
     has_next = nxt[text]
     target = torch.roll(ids, -1, dims=1)[text]
     nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-    return rows[row_of], kl.numpy(), agree.numpy(), (nll * has_next).numpy(), has_next.float().numpy(), pos
+    host = lambda t: t.float().cpu().numpy()  # noqa: E731
+    return rows[row_of], host(kl), host(agree), host(nll * has_next), host(has_next), pos
 
 
 def _finish_divergence(div_rows: list, n_samples: int, config: AnalyzeConfig) -> Divergence:

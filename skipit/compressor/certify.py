@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Iterator, Sequence
 
 from skipit.compressor.analyze import AnalyzeConfig, Divergence, PassResult, run_pass
+from skipit.compressor.calibration import BatchPrefix, batch_domains, count_samples
 from skipit.compressor.heal import HealConfig, HealData, build_heal_data, heal_
 from skipit.errors import InvalidOptionError, NothingToRemoveError
 
@@ -250,14 +251,14 @@ def certify(
     protected = policy.protected(n)
     budget = min(policy.max_layers or n, n - len(protected) - 1)
     cfg = AnalyzeConfig(config.eps, config.lens_tokens, policy.confidence, config.n_boot)
-    passes = {"calibration": 0, "screen": 0, "holdout": 0}
+    passes: dict[str, Any] = {"calibration": 0, "screen": 0, "holdout": 0}
     select_slack = healing.select_slack if healing else 1.0
     select = policy.loosened(select_slack)
 
     def do_pass(split: str, batches: Sequence[Any], removed: list[int], on: tuple[Any, Any] | None = None,
                 **kw: Any) -> PassResult:
         passes[split] += 1
-        emit("pass_start", {"split": split, "removed": list(removed), "samples": sum(b.size for b in batches)})
+        emit("pass_start", {"split": split, "removed": list(removed), "samples": count_samples(batches)})
         m, sp = on or (model, spec)
         with sp.skipping(removed):
             return run_pass(m, sp, batches, config=cfg, on_batch=lambda k: emit("batch", {"n": k}), **kw)
@@ -265,7 +266,7 @@ def certify(
     base = do_pass("calibration", calibration, [], keep_reference=True, block_span=budget if policy.block_candidates else 0)
     reference = base.kept_reference
     screen_set = _screen_subset(calibration, reference, policy.screen_fraction)
-    n_cal = sum(b.size for b in calibration)
+    n_cal = count_samples(calibration)
 
     def screen(removed: list[int]) -> float:
         return do_pass("screen", screen_set[0], removed, reference=screen_set[1], layer_scores=False).measured.kl.mean
@@ -341,7 +342,7 @@ def certify(
         with _cast_twin(model, spec, measure_dtype) as twin:  # after healing: the copy holds the healed weights
             verdict = do_pass("holdout", holdout, chosen, on=twin, reference=hold_ref, layer_scores=False)
         div = verdict.measured
-        figures = holdout_figures(div, [d for b in holdout for d in b.domains], policy, cfg)
+        figures = holdout_figures(div, batch_domains(holdout), policy, cfg)
         bound = figures["bound"]
         emit("verify", {"layers": sorted(chosen), "kl": div.kl.mean, "kl_hi": bound["kl_hi"], "top1": div.top1.mean,
                         "healed": healed is not None, "bound": bound["kind"], "domain": bound.get("domain")})
@@ -386,14 +387,41 @@ def _cast_twin(model: Any, spec: Any, dtype: str | None) -> Iterator[tuple[Any, 
     from skipit.compressor.arch import decoder_spec
     from skipit.compressor.dtypes import cast_weights_
 
-    if dtype is None or getattr(torch, dtype) == next(model.parameters()).dtype:
+    target = None if dtype is None else getattr(torch, dtype)
+    if target is None or target == next(model.parameters()).dtype:
         yield None
         return
-    twin = cast_weights_(copy.deepcopy(model), dtype)
+    # Each parameter is copied straight into the target dtype (the memo hands deepcopy the cast copies): the
+    # twin costs its own size only, never a second full-precision copy. Tied weights stay tied (one entry);
+    # a dispatched model's accelerate hooks are copied with it, and weights offloaded to disk stay there
+    # (meta tensors in the model; the hooks load them and cast them to the parameter's dtype).
+    memo: dict[int, Any] = {id(t): t for t in _offloaded_tensors(model)}  # shared, not copied
+    with torch.no_grad():
+        for param in model.parameters():
+            if id(param) not in memo and param.is_floating_point() and param.dtype != target:
+                memo[id(param)] = torch.nn.Parameter(param.detach().to(target), requires_grad=param.requires_grad)
+    twin = cast_weights_(copy.deepcopy(model, memo), dtype)  # type: ignore[arg-type]  # not None: target is set
+    del memo
     try:
         yield twin, decoder_spec(twin)
     finally:
         del twin
+
+
+def _offloaded_tensors(model: Any) -> list[Any]:
+    """The tensors accelerate keeps for offloaded modules (its hooks' ``weights_map``: CPU copies, or disk
+    memory maps): a copy of the model may share them, since hooks only read them."""
+    import torch
+
+    found = []
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            weights = getattr(h, "weights_map", None)
+            state = getattr(getattr(weights, "dataset", weights), "state_dict", None)
+            if isinstance(state, dict):
+                found += [t for t in state.values() if isinstance(t, torch.Tensor)]
+    return found
 
 
 def holdout_figures(div: Divergence, domains: Sequence[str | None], policy: CertifyPolicy,
@@ -420,26 +448,11 @@ def holdout_figures(div: Divergence, domains: Sequence[str | None], policy: Cert
             "bound": bound}
 
 
-def _screen_subset(batches: Sequence[Any], reference: list[Any], fraction: float) -> tuple[list[Any], list[Any], int]:
-    """The first ``fraction`` of the calibration *samples* (a batch is cut where needed) with their reference."""
-    from dataclasses import replace as _replace
-
-    want = max(1, round(fraction * sum(b.size for b in batches)))
-    out_b, out_r, taken = [], [], 0
-    for batch, ref in zip(batches, reference):
-        if taken >= want:
-            break
-        rows = min(batch.size, want - taken)
-        if rows < batch.size:
-            cut = {k: v[:rows] if hasattr(v, "shape") and v.shape[:1] == (batch.size,) else v for k, v in batch.inputs.items()}
-            n_text = int(batch.text_mask[:rows].sum())
-            batch = _replace(batch, inputs=cut, text_mask=batch.text_mask[:rows], vision_mask=batch.vision_mask[:rows],
-                             sample_ids=batch.sample_ids[:rows], domains=batch.domains[:rows])
-            ref = (ref[0][:n_text], ref[1][:n_text])
-        out_b.append(batch)
-        out_r.append(ref)
-        taken += rows
-    return out_b, out_r, taken
+def _screen_subset(batches: Sequence[Any], reference: Any, fraction: float) -> tuple[Sequence[Any], Any, int]:
+    """The first ``fraction`` of the calibration *samples* (a batch is cut where needed) with their reference;
+    both read through to the full split and its :class:`~skipit.compressor.reference.ReferenceStore`."""
+    head = BatchPrefix(batches, max(1, round(fraction * count_samples(batches))))
+    return head, reference.cut(len(head), head.last_rows), head.n_samples
 
 
 def _screen_kl(div: Divergence, samples: int) -> float:
@@ -452,7 +465,7 @@ def _screen_kl(div: Divergence, samples: int) -> float:
 
 def _try_swap(policy: CertifyPolicy, select: CertifyPolicy, do_pass: Callable[..., PassResult],
               screen: Callable[[list[int]], float], calibration: Sequence[Any], reference: list[Any],
-              screen_set: tuple[list[Any], list[Any], int], current: PassResult, chosen: list[int],
+              screen_set: tuple[Sequence[Any], Any, int], current: PassResult, chosen: list[int],
               cost: dict[int, float], allowed: list[int], vision: bool, steps: list["Step"],
               emit: Callable[[str, dict[str, Any]], None]) -> tuple[PassResult, Divergence, list[int]]:
     """Refine the chosen set: replace its costliest layer by one of the best-ranked others when a screen

@@ -67,7 +67,8 @@ def capture_vision_attention(spec: Any, vision_keys: Callable[[], Any], record: 
         mask = vision_keys()
         if layer is not None and mask is not None and bool(mask.any()):
             scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-            record(layer, vision_attention_share(query, key, attention_mask, scaling, mask, kwargs.get("softcap")))
+            record(layer, vision_attention_share(query, key, attention_mask, scaling, mask.to(query.device),
+                                                 kwargs.get("softcap")))
         return out
 
     mapping[impl] = wrapped

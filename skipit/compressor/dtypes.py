@@ -63,8 +63,61 @@ def cast_weights_(model: Any, dtype: str) -> Any:
     import torch
 
     target = getattr(torch, dtype)
+    fresh: dict[int, Any] = {}
     with torch.no_grad():
-        for param in model.parameters():
-            if param.is_floating_point() and param.dtype != target:
-                param.data = param.data.to(target)
+        for module in model.modules():
+            for name, param in list(module._parameters.items()):
+                if param is None or not param.is_floating_point() or param.dtype == target:
+                    continue
+                if param.device.type == "meta" or param.is_inference():
+                    # an offloaded weight: accelerate's hook re-creates it at each forward (an inference tensor
+                    # under inference_mode), which set_data refuses; a new meta parameter of the dtype stands in
+                    if id(param) not in fresh:
+                        fresh[id(param)] = torch.nn.Parameter(param.data.to(target), requires_grad=param.requires_grad)
+                    module._parameters[name] = fresh[id(param)]  # tied weights: one new parameter for all
+                else:
+                    param.data = param.data.to(target)
+    _cast_offloaded(model)
     return model
+
+
+def _cast_offloaded(model: Any) -> None:
+    """Weights accelerate offloaded (meta in the model) are read from its hooks' ``weights_map`` at each forward,
+    cast there to the parameter's dtype, but ``save_pretrained`` reads that map as it is: wrap each map so that
+    every read comes in the dtype the (meta) parameter now has."""
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        weights = getattr(hook, "weights_map", None)
+        if hook is None or weights is None:
+            continue
+        dtypes = {name: p.dtype for name, p in module.named_parameters(recurse=bool(getattr(hook, "place_submodules", False)))
+                  if p.device.type == "meta"}
+        if dtypes:
+            inner = weights.inner if isinstance(weights, CastingWeights) else weights
+            hook.weights_map = CastingWeights(inner, dtypes)
+
+
+class CastingWeights:
+    """A hook's offloaded-weights map whose reads of the named parameters come cast to their dtype."""
+
+    def __init__(self, inner: Any, dtypes: dict[str, Any]) -> None:
+        self.inner, self.dtypes = inner, dtypes
+
+    def __getitem__(self, key: str) -> Any:
+        value = self.inner[key]
+        dtype = self.dtypes.get(key)
+        return value.to(dtype) if dtype is not None and value.is_floating_point() and value.dtype != dtype else value
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.inner
+
+    def __iter__(self) -> Any:
+        return iter(self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("inner", "dtypes"):  # not set yet (copying, unpickling)
+            raise AttributeError(name)
+        return getattr(self.inner, name)

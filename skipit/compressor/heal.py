@@ -135,8 +135,8 @@ class HealData:
     ``--heal-data`` file) that the batches hold, for the record and for the held-out guarantee.
     """
 
-    batches: list[Any]
-    teacher: list[Any]
+    batches: Sequence[Any]
+    teacher: Sequence[Any]
     sources: list[str]
 
     def ids(self) -> dict[str, list[int]]:
@@ -146,21 +146,21 @@ class HealData:
         return {k: sorted(v) for k, v in out.items()}
 
 
-def build_heal_data(model: Any, spec: Any, calibration: Sequence[Any], reference: list[Any], extra: Sequence[Any] = (),
-                    config: Any = None) -> HealData:
+def build_heal_data(model: Any, spec: Any, calibration: Sequence[Any], reference: Sequence[Any],
+                    extra: Sequence[Any] = (), config: Any = None) -> HealData:
     """Healing batches with the original's log-probs: the calibration split's (``reference``, already
     measured by the certifier) plus ``extra`` batches (``--heal-data``), measured here with the model as it
-    is now — call before any layer is trained."""
+    is now — call before any layer is trained. Nothing is copied: the batches are encoded when read and the
+    log-probs read back from their reference files (:class:`~skipit.compressor.reference.Chain` joins them)."""
     from skipit.compressor.analyze import AnalyzeConfig, run_pass
+    from skipit.compressor.reference import Chain
 
-    batches, teacher, sources = list(calibration), list(reference), ["calibration"] * len(calibration)
-    if extra:
-        extra_ref = run_pass(model, spec, extra, config=config or AnalyzeConfig(), keep_reference=True,
-                             layer_scores=False).kept_reference
-        batches += list(extra)
-        teacher += extra_ref
-        sources += ["heal_data"] * len(extra)
-    return HealData(batches, teacher, sources)
+    sources = ["calibration"] * len(calibration)
+    if not extra:
+        return HealData(calibration, reference, sources)
+    extra_ref = run_pass(model, spec, extra, config=config or AnalyzeConfig(), keep_reference=True,
+                         layer_scores=False).kept_reference
+    return HealData(Chain(calibration, extra), Chain(reference, extra_ref), sources + ["heal_data"] * len(extra))
 
 
 def heal_(model: Any, spec: Any, removed: Sequence[int], data: HealData, config: HealConfig = HealConfig(),
@@ -173,6 +173,7 @@ def heal_(model: Any, spec: Any, removed: Sequence[int], data: HealData, config:
     """
     import torch
 
+    check_trainable(model)
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     order_rng = random.Random(config.seed)
@@ -210,8 +211,9 @@ def heal_(model: Any, spec: Any, removed: Sequence[int], data: HealData, config:
                 b = order.pop()
                 batch, (teacher_logp, _) = data.batches[b], data.teacher[b]
                 logits = model(**batch.inputs, use_cache=False).logits
-                logp = torch.log_softmax(logits.float()[batch.text_mask], dim=-1)
-                target = teacher_logp.float().clone()  # a normal tensor: inference tensors cannot be saved for backward
+                logp = torch.log_softmax(logits.float()[batch.text_mask.to(logits.device)], dim=-1)
+                # a normal tensor (inference tensors cannot be saved for backward), read from the reference file
+                target = teacher_logp.to(logp.device).float().clone()
                 loss = (target.exp() * (target - logp)).sum(-1).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -232,6 +234,24 @@ def heal_(model: Any, spec: Any, removed: Sequence[int], data: HealData, config:
              len(losses), seconds, losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"))
     return HealResult(sorted(removed), train_layers, [n for n, _ in trained], config.method, len(losses), lr, seconds,
                       losses, data.ids(), tokens, stopped_by, snapshot)
+
+
+def offloaded_parameters(model: Any) -> list[str]:
+    """Parameters accelerate keeps off the model (CPU or disk offload: a meta tensor in the model, loaded by a hook
+    at each forward and dropped after it)."""
+    return [n for n, p in model.named_parameters() if p.device.type == "meta"]
+
+
+def check_trainable(model: Any) -> None:
+    """Refuse healing a model with offloaded weights: an offloaded weight is reloaded from its CPU or disk copy at
+    every forward, so a training step on it would be lost (and the optimizer would hold no real tensor)."""
+    offloaded = offloaded_parameters(model)
+    if offloaded:
+        raise InvalidOptionError(
+            f"--heal trains weights in place, but {len(offloaded)} of the model's tensors are offloaded to CPU or disk "
+            f"by --device auto / --max-memory (e.g. {offloaded[0]}); accelerate reloads those at every forward, so "
+            "training them would be lost. Give --max-memory enough room for the whole model on its devices, or "
+            "compress without --heal (certification, removal and export work offloaded)")
 
 
 class _LowRank:

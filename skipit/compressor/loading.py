@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import struct
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -35,17 +37,142 @@ _GGUF_BLOCK = re.compile(r"^blk\.(\d+)\.")
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """How to load a model. ``dtype`` is one of float32/float16/bfloat16/auto."""
+    """How to load a model.
+
+    Attributes:
+        dtype: float32, float16, bfloat16 or auto.
+        device: a torch device (``cpu``, ``cuda:1`` …), or ``auto``: accelerate's big-model inference places
+            the model over every GPU, then the CPU, then disk (``from_pretrained(device_map="auto")``), as
+            ``max_memory`` allows; the same code takes the GPUs on a GPU machine and the CPU (and disk) elsewhere.
+        max_memory: with ``auto``, the most bytes each device may hold: keys are GPU indices, ``cpu`` and
+            ``disk`` (``--max-memory 0=20GiB,cpu=60GiB``; :func:`parse_max_memory`). None: what is free.
+        offload_dir: with ``auto``, where weights offloaded to disk are written (a fresh subfolder, removed
+            when the model is); default: the run's scratch folder beside the output, else the system
+            temporary folder. Weights of a safetensors checkpoint are read where they lie and not copied.
+    """
 
     dtype: str = "float32"
     device: str = "cpu"
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    max_memory: dict[int | str, int] | None = None
+    offload_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ModelLoadError(f"--dtype {self.dtype!r} is not one of {', '.join(_DTYPES)}")
-        check_device(self.device)
+        if isinstance(self.max_memory, str):
+            object.__setattr__(self, "max_memory", parse_max_memory(self.max_memory))
+        if self.device != "auto":
+            if self.max_memory is not None or self.offload_dir is not None:
+                raise InvalidOptionError("--max-memory and --offload-dir place a model over several devices: add "
+                                         f"--device auto (got --device {self.device})")
+            check_device(self.device)
+            return
+        if self.max_memory is not None:
+            check_max_memory(self.max_memory)
+        if self.offload_dir is not None:
+            folder = Path(self.offload_dir)
+            if folder.exists() and not folder.is_dir():
+                raise InvalidOptionError(f"--offload-dir {folder} is not a folder; give a folder on a disk with room "
+                                         "for the weights that do not fit in memory")
+
+    @property
+    def dispatched(self) -> bool:
+        """Whether the model is placed by accelerate (``device="auto"``)."""
+        return self.device == "auto"
+
+
+#: ``--max-memory`` units (bytes per unit); decimal and binary, case-insensitive
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+_MAX_MEMORY_HELP = ("give DEVICE=SIZE pairs separated by commas, e.g. --max-memory 0=20GiB,1=20GiB,cpu=60GiB "
+                    "(devices: GPU indices, cpu, disk; sizes in B, KB, MB, GB, KiB, MiB, GiB …)")
+
+
+def parse_size(text: str) -> int:
+    """``20GiB`` → bytes; ``InvalidOptionError`` naming the accepted units otherwise."""
+    m = _SIZE.match(text)
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _SIZE_UNITS:
+        raise InvalidOptionError(f"--max-memory: {text.strip()!r} is not a size; {_MAX_MEMORY_HELP}")
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
+def parse_max_memory(text: str) -> dict[int | str, int]:
+    """``0=20GiB,cpu=60GiB`` → ``{0: 21474836480, "cpu": 64424509440}`` (what ``from_pretrained(max_memory=)``
+    takes); ``cuda:1`` is accepted for ``1``. Raises :class:`InvalidOptionError` (exit code 2) on bad syntax."""
+    out: dict[int | str, int] = {}
+    for part in (p for p in text.split(",") if p.strip()):
+        key, sep, size = part.partition("=")
+        key = key.strip().lower()
+        if not sep or not key:
+            raise InvalidOptionError(f"--max-memory: {part.strip()!r} is not DEVICE=SIZE; {_MAX_MEMORY_HELP}")
+        device: int | str = int(key.removeprefix("cuda:")) if key.removeprefix("cuda:").isdigit() else key
+        if device not in ("cpu", "disk", "mps") and not isinstance(device, int):
+            raise InvalidOptionError(f"--max-memory: {key!r} is not a device; {_MAX_MEMORY_HELP}")
+        if device in out:
+            raise InvalidOptionError(f"--max-memory names {key!r} twice")
+        out[device] = parse_size(size)
+        if out[device] <= 0:
+            raise InvalidOptionError(f"--max-memory: {part.strip()!r} gives no memory; {_MAX_MEMORY_HELP}")
+    if not out:
+        raise InvalidOptionError(f"--max-memory is empty; {_MAX_MEMORY_HELP}")
+    return out
+
+
+def check_max_memory(max_memory: dict[int | str, int]) -> None:
+    """Refuse GPU indices this machine does not have (CPU-only: any GPU index)."""
+    gpus = sorted(k for k in max_memory if isinstance(k, int))
+    if not gpus:
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    missing = [g for g in gpus if g >= count]
+    if missing:
+        have = f"GPUs 0 to {count - 1}" if count else "no GPU"
+        raise InvalidOptionError(f"--max-memory names GPU {missing[0]}, but this machine has {have}; name only "
+                                 "devices that exist (cpu, disk, and GPU indices)")
+
+
+def input_device(model: Any) -> Any:
+    """The device a model's inputs belong on: its only device, or, for a model dispatched by accelerate
+    (``hf_device_map``), where its input embeddings run (an offloaded module runs on accelerate's main device:
+    the first GPU of the map, else the CPU). A disk-offloaded model's parameters are on ``meta``, so
+    ``model.device`` cannot be used for this."""
+    import torch
+
+    placement = getattr(model, "hf_device_map", None)
+    if placement:
+        main = next((d for d in placement.values() if d not in ("cpu", "disk")), "cpu")
+        embeddings = model.get_input_embeddings()
+        name = next((n for n, m in model.named_modules() if m is embeddings), "")
+        keys = [k for k in placement if k == "" or name == k or name.startswith(k + ".")]
+        where = placement[max(keys, key=len)] if keys else main
+        where = main if where in ("cpu", "disk") else where
+        return torch.device(where) if not isinstance(where, int) else torch.device("cuda", where)
+    for param in model.parameters():
+        if param.device.type != "meta":
+            return param.device
+    return torch.device("cpu")
+
+
+def offload_folder(options: LoadOptions) -> Path:
+    """A fresh folder for disk-offloaded weights, inside ``options.offload_dir`` or the scratch folder."""
+    import tempfile
+
+    from skipit.compressor.reference import current_scratch
+
+    root = options.offload_dir if options.offload_dir is not None else current_scratch()
+    if root is not None:
+        Path(root).mkdir(parents=True, exist_ok=True)
+    try:
+        return Path(tempfile.mkdtemp(prefix="skipit-offload-", dir=root))
+    except OSError as exc:
+        raise InvalidOptionError(f"cannot create an offload folder in {root or tempfile.gettempdir()} "
+                                 f"({exc.strerror or exc}); give --offload-dir on a disk you can write to") from None
 
 
 def first_line(exc: BaseException) -> str:
@@ -99,10 +226,24 @@ class LoadedModel:
     model_dir: Path
     gguf_file: str | None = None
     processor_note: str | None = None
+    #: with ``--device auto``: accelerate's placement of the model's modules (``hf_device_map``)
+    device_map: dict[str, Any] | None = None
+    #: with ``--device auto``: the folder of weights offloaded to disk (removed with the model, or by :meth:`release`)
+    offload_folder: Path | None = None
+
+    def release(self) -> None:
+        """Remove the offload folder now (the model cannot run afterwards if it had weights there)."""
+        if self.offload_folder is not None:
+            shutil.rmtree(self.offload_folder, ignore_errors=True)
 
     @property
     def tokenizer(self) -> Any:
         return getattr(self.processor, "tokenizer", self.processor)
+
+    @property
+    def input_device(self) -> Any:
+        """Where inputs go (see :func:`input_device`)."""
+        return input_device(self.model)
 
 
 def _safetensors_data_end(header: Any) -> int:
@@ -430,20 +571,67 @@ def load_model(path: str | Path, options: LoadOptions = LoadOptions()) -> Loaded
         kwargs["use_safetensors"] = None if gguf_file else True
     if not gguf_file:
         kwargs.update(load_overrides(model_dir))
+    offload = None
+    if options.dispatched:
+        # accelerate's big-model inference: GPUs first, then CPU, then disk, within max_memory; the dtype is given
+        # here because a dispatched model cannot be moved or cast afterwards
+        offload = offload_folder(options)
+        kwargs.update(device_map="auto", offload_folder=str(offload))
+        if options.max_memory is not None:
+            kwargs["max_memory"] = dict(options.max_memory)
+        if gguf_file and options.dtype == "auto":
+            kwargs["dtype"] = torch.float32
     log.info("loading %s with %s", source, getattr(cls, "__name__", cls))
     try:
-        model, info = cls.from_pretrained(model_dir, **kwargs)
+        try:
+            model, info = cls.from_pretrained(model_dir, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError
+            if not (offload is not None and "device disk is invalid" in str(exc)):
+                raise
+            # transformers 4.x opens the weights on the device of a whole-model entry, so a model placed entirely
+            # on disk (device_map {"": "disk"}) fails to load; the same placement spelled per top-level module works
+            kwargs["device_map"] = _all_on_disk(cls, model_dir, options)
+            model, info = cls.from_pretrained(model_dir, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError, IndexError, TypeError, NotImplementedError, struct.error) as exc:
+        if offload is not None:
+            shutil.rmtree(offload, ignore_errors=True)
         raise ModelLoadError(f"transformers could not load {source}: {first_line(exc)}") from None
+    if offload is not None:
+        weakref.finalize(model, shutil.rmtree, offload, True)  # the offloaded weights go with the model
     check_loading_info(info, source, "its GGUF metadata" if gguf_file else "config.json")
     if gguf_file:
         # A dequantized GGUF model still carries the GGUF quantizer; save_pretrained refuses it (5.x).
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.to(_dtype(options) if options.dtype != "auto" else torch.float32)
-    model.to(options.device).eval()
+        if not options.dispatched:
+            model.to(_dtype(options) if options.dtype != "auto" else torch.float32)
+    if not options.dispatched:
+        model.to(options.device)
+    model.eval()
+    device_map = dict(getattr(model, "hf_device_map", None) or {}) or None
+    if device_map:
+        log.info("placed by accelerate: %s", _placement_summary(device_map))
     processor, note = load_processor(model_dir, is_vlm, options, gguf_file)
     if note:
         log.warning(note)
-    return LoadedModel(model, processor, source, model_dir, gguf_file, note)
+    return LoadedModel(model, processor, source, model_dir, gguf_file, note, device_map, offload)
+
+
+def _all_on_disk(cls: Any, model_dir: Path, options: LoadOptions) -> dict[str, str]:
+    """``{child: "disk"}`` for each top-level module of the model ``cls`` builds from ``model_dir``'s config."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    config = transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=options.trust_remote_code)
+    with init_empty_weights():
+        empty = cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
+    return {name: "disk" for name, _ in empty.named_children()}
+
+
+def _placement_summary(device_map: dict[str, Any]) -> str:
+    """``cpu: 12 modules, disk: 20 modules`` for a device map."""
+    counts: dict[str, int] = {}
+    for where in device_map.values():
+        counts[str(where)] = counts.get(str(where), 0) + 1
+    return ", ".join(f"{k}: {v} module{'s' * (v != 1)}" for k, v in counts.items())

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,6 +24,8 @@ from skipit.errors import RewriteError
 log = logging.getLogger(__name__)
 
 _CONFIG_KEYS = ("num_hidden_layers", "layer_types", "max_window_layers")
+#: Shard size of a checkpoint saved from a model with offloaded weights (each shard is materialised in RAM).
+OFFLOADED_SHARD_SIZE = "2GB"
 
 
 def _config_view(spec: Any) -> dict[str, Any]:
@@ -59,7 +62,9 @@ def check_in_memory(model: Any, spec: Any) -> None:
             idx = getattr(module, "layer_idx", None)
             if isinstance(idx, int) and idx != pos:
                 raise RewriteError(f"layer at position {pos} still has layer_idx={idx}; the KV cache would index the wrong layer")
-    ids = torch.tensor([[1, 2, 3]], device=model.device)
+    from skipit.compressor.loading import input_device
+
+    ids = torch.tensor([[1, 2, 3]], device=input_device(model))
     try:
         with torch.inference_mode():  # generate() exercises the KV cache, which indexes by layer_idx
             model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, min_new_tokens=2,
@@ -77,7 +82,26 @@ def save_checkpoint(model: Any, processor: Any, source_dir: Path | None, out_dir
     from skipit.compressor.loading import PROCESSOR_FILE_PATTERNS
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    shards = {}
+    if any(p.device.type == "meta" for p in model.parameters()):
+        # offloaded weights are read back shard by shard (transformers' default shard is 50 GB, held in RAM)
+        shards = {"max_shard_size": OFFLOADED_SHARD_SIZE}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
+        try:
+            model.save_pretrained(out_dir, safe_serialization=True, **shards)
+        except AttributeError:
+            if not shards:
+                raise
+            # transformers 4.x looks offloaded (meta) tensors up under their *saved* names, which differ from the
+            # module names in models with a checkpoint conversion mapping (LLaVA …): read them all back first
+            from accelerate.utils.modeling import get_state_dict_offloaded_model
+
+            log.warning("saving through a state dict read back from the offloaded weights (transformers %s cannot "
+                        "save this offloaded model directly); it holds the whole model in memory once",
+                        _transformers_version())
+            model.save_pretrained(out_dir, safe_serialization=True, state_dict=get_state_dict_offloaded_model(model),
+                                  **shards)
     make_config_portable(out_dir)  # RoPE settings readable by transformers 4.x too (optimum's environment)
     copied = []
     if source_dir is not None:
@@ -90,6 +114,12 @@ def save_checkpoint(model: Any, processor: Any, source_dir: Path | None, out_dir
         processor.save_pretrained(out_dir)
         # a tokenizer skipit rebuilt (from GGUF metadata) is a plain tokenizer.json, whatever class transformers names
         make_tokenizer_portable(out_dir, list(getattr(processor, "model_input_names", ["input_ids", "attention_mask"])))
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def _die_with_parent() -> None:
@@ -124,8 +154,11 @@ def verify_reload(model_dir: Path, model: Any, spec: Any, inputs: dict[str, Any]
             raise RewriteError(f"the saved checkpoint {model_dir} does not reload in a fresh process: {tail[0]}")
         result = load_file(str(out_path))
     facts = json.loads(proc.stdout.strip().splitlines()[-1])
+    from skipit.compressor.loading import input_device
+
     with torch.inference_mode():
-        expected = model(**{k: v.to(model.device) for k, v in tensors.items()}, use_cache=False).logits.float().cpu()
+        device = input_device(model)
+        expected = model(**{k: v.to(device) for k, v in tensors.items()}, use_cache=False).logits.float().cpu()
     err = float((result["logits"].float() - expected).abs().max())
     facts["max_abs_logit_error"] = err
     layer_types = facts["layer_types"]

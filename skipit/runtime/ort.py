@@ -41,11 +41,13 @@ def ort_providers(device: str = "auto") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def open_onnx(onnx_path: str | os.PathLike, device: str = "auto", threads: int | None = None) -> Any:
+def open_onnx(onnx_path: str | os.PathLike, device: str = "auto", threads: int | None = None,
+              spin_between_runs: bool = True) -> Any:
     """An :class:`~skipit.runtime.ort_text.OrtDecoderRunner` for a merged decoder graph, an
     :class:`~skipit.runtime.ort_vlm.OrtVlmRunner` for a split VLM export (``onnx_path`` is then its folder).
 
-    ``threads`` sets ONNX Runtime's intra-op threads (default: its own choice).
+    ``threads`` sets ONNX Runtime's intra-op threads (default: its own choice). Without ``spin_between_runs``
+    its workers stop spinning at the end of each run (``session.force_spinning_stop``).
     """
     from skipit.exporters.onnx.convention import find_split_export
     from skipit.runtime.ort_text import OrtDecoderRunner
@@ -55,6 +57,10 @@ def open_onnx(onnx_path: str | os.PathLike, device: str = "auto", threads: int |
     options = onnxruntime().SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    if not spin_between_runs:
+        # ORT's intra-op workers spin-wait after each run by default, burning a core for tens of milliseconds
+        # (measured: benchmarks/speed.py); the runner measured next would pay for it. Spin within a run only.
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     split = find_split_export(onnx_path)
     if split is not None:
         return OrtVlmRunner(split[0], providers=providers, session_options=options, onnx_dir=split[1])
@@ -67,12 +73,13 @@ class OrtRunner(HostTimedRunner):
     on text), timed by the host clock.
 
     ``threads`` sets ONNX Runtime's intra-op threads (default: its own choice); give torch the same
-    (``torch.set_num_threads``) for a fair CPU comparison.
+    (``torch.set_num_threads``) for a fair CPU comparison. Its workers stop spinning at the end of each run
+    (``session.force_spinning_stop``) unless ``spin_between_runs``: a spinning pool would slow the next runner.
     """
 
     def __init__(self, onnx_path: str | Path, name: str = "ort", device: str = "auto", vocab_size: int | None = None,
-                 threads: int | None = None) -> None:
-        decoder = open_onnx(onnx_path, device, threads)
+                 threads: int | None = None, spin_between_runs: bool = False) -> None:
+        decoder = open_onnx(onnx_path, device, threads, spin_between_runs)
         self.runner = decoder
         graph_vocab = decoder.vocab_size
         super().__init__(decoder, name, "cuda" if decoder.providers[0].startswith("CUDA") else "cpu",

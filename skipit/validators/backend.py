@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from skipit.compressor.loading import input_device as _input_device
 from skipit.errors import ExportMismatchError, InvalidOptionError, SkipitError
 from skipit.exporters.onnx.convention import MODEL_FILE, ONNX_SUBDIR, find_split_export
 from skipit.runtime.base import host
@@ -126,7 +127,7 @@ def _decoder_parity(slim: Any, processor: Any, samples: Sequence[Any], path: Pat
         raise InvalidOptionError("ONNX parity compares the text decoder and needs text-only samples; the data has none")
     runner = open_onnx(path, config.device)
     tokenizer = getattr(processor, "tokenizer", processor)
-    device = next(slim.parameters()).device
+    device = _input_device(slim)
     eos = _eos(slim, tokenizer)
     cand, ref, gen_ort, gen_torch = [], [], [], []
     for sample in texts:
@@ -166,7 +167,7 @@ def _split_parity(slim: Any, processor: Any, samples: Sequence[Any], path: Path,
     runner = open_onnx(path, config.device)
     spec = decoder_spec(slim)
     tokenizer = getattr(processor, "tokenizer", processor)
-    device = str(next(slim.parameters()).device)
+    device = str(_input_device(slim))
     eos = _eos(slim, tokenizer)
     cand, ref = [], []
     for batch in encode(chosen, processor, spec, batch_size=1, max_length=config.max_tokens, device=device):

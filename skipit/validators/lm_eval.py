@@ -257,8 +257,10 @@ def _loaded_module(name: str) -> Any:
     return sys.modules.get(name)
 
 
-def _hflm(model: Any, tokenizer: Any, batch_size: int) -> Any:
-    """lm-eval's ``HFLM`` around an already loaded model, without progress bars of its own."""
+def _hflm(model: Any, tokenizer: Any, batch_size: int, device: Any = None) -> Any:
+    """lm-eval's ``HFLM`` around an already loaded model, without progress bars of its own; ``device``: where
+    its inputs go (a model dispatched by accelerate, ``--device auto``, may have offloaded weights first, which
+    HFLM would take for the model's device)."""
     from lm_eval.models.huggingface import HFLM
 
     class QuietHFLM(HFLM):  # skipit reports progress itself; lm-eval's bars would interleave with it
@@ -272,7 +274,10 @@ def _hflm(model: Any, tokenizer: Any, batch_size: int) -> Any:
             return super().generate_until(requests, disable_tqdm=True)
 
     # HFLM sets a pad token on the tokenizer it is given: hand it a copy, skipit's own stays as loaded.
-    return QuietHFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size, backend="causal")
+    lm = QuietHFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size, backend="causal")
+    if device is not None:
+        lm._device = device  # HFLM.device reads it; HFLM itself takes next(model.parameters()).device
+    return lm
 
 
 @dataclass(frozen=True)
@@ -296,12 +301,14 @@ def _pick_metric(task: str, sample: dict[str, Any], wanted: str) -> str:
                           "skipit compares per-item accuracy: choose a multiple-choice or exact-match task")
 
 
-def run_tasks(model: Any, tokenizer: Any, prepared: PreparedTasks, config: LmEvalConfig) -> dict[str, TaskScores]:
-    """Run lm-eval on one loaded model; ``{task: TaskScores}`` for every leaf task (groups expanded)."""
+def run_tasks(model: Any, tokenizer: Any, prepared: PreparedTasks, config: LmEvalConfig,
+              device: Any = None) -> dict[str, TaskScores]:
+    """Run lm-eval on one loaded model; ``{task: TaskScores}`` for every leaf task (groups expanded); ``device``:
+    where inputs go (default: the model's)."""
     import lm_eval
 
     with _quiet_lm_eval():
-        lm = _hflm(model, tokenizer, config.batch_size)
+        lm = _hflm(model, tokenizer, config.batch_size, device)
         # Global random/numpy/torch seeds are left alone (None): the items are lm-eval's first `limit`,
         # and few-shot examples are drawn with lm-eval's fixed few-shot seed.
         out = lm_eval.simple_evaluate(
@@ -391,7 +398,8 @@ def compare_accuracy(original: Any, slim: Any, prepared: PreparedTasks, config: 
         emit("stage", {"name": f"lm-eval {', '.join(prepared.names)} on the {label} model"
                                + (f" (first {config.limit} items)" if config.limit else "")})
         t0 = time.perf_counter()
-        runs[label] = run_tasks(loaded.model, loaded.tokenizer, prepared, config)
+        device = loaded.input_device if getattr(loaded, "device_map", None) else None  # --device auto
+        runs[label] = run_tasks(loaded.model, loaded.tokenizer, prepared, config, device)
         seconds[label] = time.perf_counter() - t0
     tasks = [paired_accuracy(runs["original"][t], runs["slim"][t], config) for t in runs["original"] if t in runs["slim"]]
     for t in tasks:

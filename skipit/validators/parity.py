@@ -152,7 +152,9 @@ class ParityReport:
 
 
 def _model_device(model: Any) -> str:
-    return str(next(model.parameters()).device)
+    from skipit.compressor.loading import input_device  # a dispatched model's first parameter may be on "meta"
+
+    return str(input_device(model))
 
 
 def logit_parity(original: Any, slim: Any, batches: Sequence[Any], config: ParityConfig = ParityConfig(),
@@ -164,9 +166,11 @@ def logit_parity(original: Any, slim: Any, batches: Sequence[Any], config: Parit
     from skipit.compressor.analyze import AnalyzeConfig, run_pass
     from skipit.compressor.arch import decoder_spec
 
+    from skipit.compressor.calibration import count_samples
+
     emit = on_event or (lambda kind, info: None)
     acfg = AnalyzeConfig(confidence=config.confidence, n_boot=config.n_boot)
-    n = sum(b.size for b in batches)
+    n = count_samples(batches)
 
     def one_pass(model: Any, what: str, gone: list[Any], **kw: Any) -> Any:
         emit("pass_start", {"split": f"{label} {what}", "removed": gone, "samples": n})

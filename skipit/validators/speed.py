@@ -7,7 +7,7 @@ seconds`` (prefill without timing, then ``n`` greedy steps with the KV cache, ti
 pairs, CPU work (and ONNX Runtime, whose outputs are on the host when ``run`` returns) with
 ``time.perf_counter``.
 
-:func:`measure_speed` runs the runners **interleaved** (A, B, A, B, …) for every measurement so that
+:func:`measure_speed` runs the runners **interleaved** (A B C, B C A, C A B, …: rotated each round) so that
 drift (thermal, other processes) hits all of them alike, drops the warm-up rounds, and reports the
 median with the interquartile range and min/max per runner, plus ratios against a baseline runner.
 The executed order is recorded in ``schedule``.
@@ -20,6 +20,7 @@ since runners share the process.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -29,6 +30,10 @@ from skipit.errors import InvalidOptionError
 from skipit.runtime.base import Runner
 
 log = logging.getLogger(__name__)
+
+#: Pause before each timed call (seconds): OpenMP workers of the previous call spin for a few milliseconds after
+#: it; on a machine with as many threads as cores they would slow whatever runs next.
+SETTLE_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -119,14 +124,25 @@ class SpeedConfig:
     decode_tokens: int = 32
     decode_prompt_len: int | None = None
     seed: int = 0
+    rotate: bool = True
+    settle_s: float = SETTLE_S
 
 
 def _interleaved(runners: Mapping[str, Runner], rounds: int, warmup: int, label: dict[str, Any],
-                 call: Callable[[Runner], float], schedule: list[dict[str, Any]]) -> dict[str, list[float]]:
-    """Run ``call`` for every runner in turn, ``rounds`` times; keep the times after ``warmup`` rounds."""
+                 call: Callable[[Runner], float], schedule: list[dict[str, Any]], rotate: bool = True,
+                 settle_s: float = SETTLE_S) -> dict[str, list[float]]:
+    """Run ``call`` for every runner in turn, ``rounds`` times; keep the times after ``warmup`` rounds.
+
+    With ``rotate`` the order rotates each round (A B C, B C A, C A B …), so that no runner always follows the
+    same one; each call starts after ``settle_s`` of quiet."""
     kept: dict[str, list[float]] = {name: [] for name in runners}
+    names = list(runners)
     for rnd in range(rounds):
-        for name, runner in runners.items():
+        shift = rnd % len(names) if rotate else 0
+        for name in names[shift:] + names[:shift]:
+            runner = runners[name]
+            if settle_s:
+                time.sleep(settle_s)
             seconds = call(runner)
             schedule.append(label | {"round": rnd, "runner": name, "warmup": rnd < warmup})
             if rnd >= warmup:
@@ -144,13 +160,15 @@ def measure_speed(
     decode_prompt_len: int | None = None,
     baseline: str | None = None,
     seed: int = 0,
+    rotate: bool = True,
+    settle_s: float = SETTLE_S,
 ) -> SpeedResult:
     """Prefill latency at batch 1 for each of ``seq_lens`` and decode speed, runners interleaved.
 
     Inputs are the same random token ids for every runner (below the smallest vocabulary). Decoding
     starts from a prompt of ``decode_prompt_len`` tokens (default: the shortest ``seq_lens``) and
     generates ``decode_tokens`` greedily; ``decode_tokens=0`` skips it. ``baseline`` (default: the first
-    runner) is what ratios are taken against.
+    runner) is what ratios are taken against. ``rotate`` / ``settle_s``: see :func:`_interleaved`.
     """
     if not runners:
         raise InvalidOptionError("measure_speed needs at least one runner")
@@ -165,14 +183,16 @@ def measure_speed(
     ids = np.random.default_rng(seed).integers(0, vocab, size=(1, max(*seq_lens, prompt_len)), dtype=np.int64)
     schedule: list[dict[str, Any]] = []
     rounds = warmup + repeats
+    order: dict[str, Any] = {"rotate": rotate, "settle_s": settle_s}
+
     def prefill_of(n: int) -> Callable[[Runner], float]:
         return lambda r: r.prefill(ids[:, :n])
 
-    prefill = {n: _interleaved(runners, rounds, warmup, {"phase": "prefill", "seq_len": n}, prefill_of(n), schedule)
-               for n in seq_lens}
+    prefill = {n: _interleaved(runners, rounds, warmup, {"phase": "prefill", "seq_len": n}, prefill_of(n), schedule,
+                               **order) for n in seq_lens}
     decode = _interleaved(runners, rounds, warmup, {"phase": "decode", "seq_len": prompt_len},
                           lambda r: r.decode(ids[:, :prompt_len], decode_tokens) / decode_tokens,
-                          schedule) if decode_tokens else {}
+                          schedule, **order) if decode_tokens else {}
     result: dict[str, RunnerSpeed] = {}
     for name, runner in runners.items():
         dec = Timing.of(decode[name]) if decode else None
