@@ -49,7 +49,7 @@ $(OPT_VENV)/.installed: pyproject.toml constraints-optimum.txt
 	touch $@
 
 demo: install
-	$(VENV)/bin/skipit-compress $(SMOLLM2) $(DEMO_OUT) --max-kl 0.35 --max-layers 4 --overwrite
+	$(VENV)/bin/skipit-compress $(SMOLLM2) $(DEMO_OUT) --max-kl 0.8 --max-layers 4 --overwrite
 	@echo "slim model, manifest and model card in $(DEMO_OUT)/"
 
 # ruff and mypy on skipit/ (settings and the strictness chosen: pyproject.toml, README "Development")
