@@ -16,7 +16,8 @@ from skipit.compressor.dtypes import SAVE_DTYPES, cast_weights_, source_dtype
 from skipit.compressor.heal import HealConfig, check_trainable
 from skipit.compressor.loading import LoadedModel, LoadOptions, load_model
 from skipit.compressor.reference import scratch_folder
-from skipit.compressor.manifest import build_manifest, hub_model_card, model_card, source_card_metadata, write_manifest
+from skipit.compressor.manifest import (build_manifest, hub_model_card, model_card, size_record, source_card_metadata,
+                                       write_manifest)
 from skipit.compressor.rewrite import remove_layers_, save_checkpoint, verify_reload
 from skipit import extras
 from skipit.atomic import OutputDir, write_atomic
@@ -161,7 +162,9 @@ def compress(model_path: str | Path, out_dir: str | Path, options: CompressOptio
                        healing=options.heal, heal_extra=heal_extra, measure_dtype=save_dtype)
         cert.data = data.describe()
         emit("stage", {"name": f"removing layers {cert.layers} and saving"})
+        params_original = sum(p.numel() for p in loaded.model.parameters())
         config_diff = remove_layers_(loaded.model, spec, cert.layers)
+        params_slim = sum(p.numel() for p in loaded.model.parameters())
         healed = _healed_tensors(loaded, cert) if loaded.gguf_file and cert.healing else None
         cast_weights_(loaded.model, save_dtype)  # the certificate was measured in this dtype (certify)
         tmp = output.staging
@@ -181,6 +184,8 @@ def compress(model_path: str | Path, out_dir: str | Path, options: CompressOptio
         )
         if loaded.gguf_file:
             manifest["gguf"] = _export_gguf(loaded.model_dir / loaded.gguf_file, cert.layers, tmp, emit, healed)
+        weights = Path(loaded.model_dir) / loaded.gguf_file if loaded.gguf_file else Path(model_path)
+        manifest["size"] = size_record(params_original, params_slim, weights, tmp)
         write_manifest(tmp, manifest)
         write_atomic(tmp / "README.md", model_card(manifest))
         write_atomic(tmp / "model" / "README.md", hub_model_card(

@@ -21,7 +21,10 @@ from skipit.report import KEPT, write_report
 VALIDATION = {"checks": [
     {"name": "torch vs onnxruntime max |Δlogit|", "value": 2.1e-6, "bound": 1e-4, "passed": True},
     {"name": "<script>alert('x')</script> top-1", "value": 0.97, "bound": 0.98, "passed": False},
-]}
+], "data": {"split": "test"}, "parity": {
+    "logits": {"kl": {"mean": 0.1234, "lo": 0.11, "hi": 0.1387, "n": 40}, "top1": {"mean": 0.8123, "lo": 0.79, "hi": 0.83},
+               "ppl_ratio": {"mean": 1.346, "lo": 1.3, "hi": 1.39}},
+    "generation": {"token_match": {"mean": 0.6789, "lo": 0.6, "hi": 0.75}}}}
 SPEED = {"device": "cpu", "shape": "1 × 256", "runners": [
     {"runner": "torch original", "median_ms": 432.0, "lo_ms": 420.0, "hi_ms": 451.0, "n": 20},
     {"runner": "torch slim", "median_ms": 398.0, "lo_ms": 390.0, "hi_ms": 410.0, "n": 20},
@@ -124,3 +127,18 @@ def test_chromium_renders_report(full: dict[str, Path], tmp_path: Path) -> None:
     assert counts.get((0xFD, 0xE2, 0xE1), 0) > 1000, "removed-layer rows not highlighted"
     white = counts.get((255, 255, 255), 0)
     assert white < 0.9 * image.size[0] * image.size[1], "page is mostly white"
+
+
+def test_size_and_test_split_parity_are_in_the_html(full: dict[str, Path], manifest: dict[str, Any]) -> None:
+    """report.html shows parameter and file-size reduction and the measured test-split figures, not only checks."""
+    size = manifest["size"]
+    assert 0 < size["parameters"]["slim"] < size["parameters"]["original"]
+    assert 0 < size["parameters"]["reduction"] < 1 and size["bytes"]["model"] > 0 and size["bytes"]["source"] > 0
+    html = full["html"].read_text()
+    assert "<h2>Size</h2>" in html or ">Size<" in html, "no Size section"
+    assert str(size["parameters"]["slim"]) in html and str(size["parameters"]["original"]) in html
+    assert f"{size['parameters']['reduction']:.1%}" in html
+    assert "Measured on the test split" in html
+    for label, value in (("perplexity ratio slim / original", "1.346"), ("greedy token match", "0.6789"),
+                         ("KL(original‖slim), nats/token", "0.1234")):
+        assert label in html and value in html, label

@@ -257,3 +257,23 @@ model = {auto}.from_pretrained("REPO_OR_FOLDER")
 **What the bound means.** {cert['statement']} It holds for data like the held-out
 split; other kinds of text can degrade more. Check on your own data before relying on it.
 """
+
+
+def weight_bytes(path: Path) -> int:
+    """Bytes of a model's weights: a file itself, or the weight files of a checkpoint folder."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf", ".pt"))
+
+
+def size_record(params_original: int, params_slim: int, source: Path, out: Path) -> dict[str, Any]:
+    """Parameters and weight bytes, original vs slim (``model/``; ``model.gguf`` where one was written)."""
+    record: dict[str, Any] = {
+        "parameters": {"original": params_original, "slim": params_slim,
+                       "reduction": 1 - params_slim / params_original if params_original else None},
+        "bytes": {"source": weight_bytes(source), "model": weight_bytes(out / "model")},
+    }
+    if (out / "model.gguf").is_file():
+        record["bytes"]["model.gguf"] = (out / "model.gguf").stat().st_size
+    return record

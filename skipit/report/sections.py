@@ -36,7 +36,10 @@ def build_sections(
     plots: set[str],
 ) -> list[Section]:
     """All sections in reading order; optional inputs that are absent leave their section out."""
-    sections = [certificate_section(manifest), conditions_section(manifest, plots)]
+    sections = [certificate_section(manifest)]
+    if manifest.get("size"):
+        sections.append(size_section(manifest["size"]))
+    sections.append(conditions_section(manifest, plots))
     if validation is not None:
         sections.append(parity_section(validation))
     if speed is not None:
@@ -85,11 +88,51 @@ def conditions_section(manifest: dict[str, Any], plots: set[str]) -> Section:
     return Section("Conditions per layer", text, manifest["certificate"]["conditions"], columns, "removed", shown)
 
 
+def size_section(size: dict[str, Any]) -> Section:
+    """Parameters and weight bytes, original against slim."""
+    params, files = size["parameters"], size["bytes"]
+    rows: list[Row] = [{"what": "parameters", "original": params["original"], "slim": params["slim"],
+                        "reduction": _share(params["original"], params["slim"])},
+                       {"what": "weights on disk, model/ (bytes)", "original": files["source"], "slim": files["model"],
+                        "reduction": _share(files["source"], files["model"])}]
+    if "model.gguf" in files:
+        rows.append({"what": "weights on disk, model.gguf (bytes)", "original": files["source"],
+                     "slim": files["model.gguf"], "reduction": _share(files["source"], files["model.gguf"])})
+    text = "Weights on disk compare the input's weight files with the output's (dtype and quantization included)."
+    return Section("Size", text, rows, [("what", ""), ("original", "original"), ("slim", "slim"),
+                                        ("reduction", "reduction")])
+
+
+def _share(original: int, slim: int) -> str:
+    return f"{1 - slim / original:.1%}" if original else "—"
+
+
+#: the measured parity figures shown for the test split: (key path in validation["parity"], label)
+PARITY_FIGURES = (
+    (("logits", "kl"), "KL(original‖slim), nats/token"),
+    (("logits", "top1"), "top-1 agreement"),
+    (("logits", "ppl_original"), "perplexity, original"),
+    (("logits", "ppl_slim"), "perplexity, slim"),
+    (("logits", "ppl_ratio"), "perplexity ratio slim / original"),
+    (("generation", "token_match"), "greedy token match"),
+    (("generation", "sequence_match"), "greedy sequence match"),
+)
+
+
 def parity_section(validation: dict[str, Any]) -> Section:
-    """Parity checks: the measured value, the bound it had to meet and the verdict."""
+    """Parity on the evaluation split: each measured figure with its interval, then every check and its verdict."""
     checks = validation.get("checks", [])
     passed = sum(bool(c.get("passed")) for c in checks)
-    return Section("Parity", f"{passed} of {len(checks)} checks passed.", checks, _columns(checks, first=("name",)))
+    parity, data = validation.get("parity") or {}, validation.get("data") or {}
+    rows: list[Row] = []
+    for (part, key), label in PARITY_FIGURES:
+        est = (parity.get(part) or {}).get(key)
+        if isinstance(est, dict) and est.get("mean") is not None:
+            rows.append({"name": label, "value": est["mean"], "lo": est.get("lo"), "hi": est.get("hi"), "kind": "measured"})
+    where = f"the {data['split']} split" if data.get("split") else "the evaluation data"
+    text = f"Measured on {where}. {passed} of {len(checks)} checks passed."
+    rows += checks
+    return Section("Parity", text, rows, _columns(rows, first=("name", "value", "lo", "hi")))
 
 
 def speed_section(speed: dict[str, Any], plots: set[str]) -> Section:
