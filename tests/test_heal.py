@@ -133,6 +133,8 @@ def test_a_healed_gguf_carries_the_healed_weights(tiny_model_dir, tmp_path: Path
     assert gguf["file"] == "model.gguf" and "healed tensors" in gguf["note"]
     assert gguf["healed"]["change_kept"] == pytest.approx(1.0, abs=1e-6)
     assert healing["trained_layers"] and gguf["healed"]["tensors"] == len(healing["tensors"])
+    size = result.manifest["size"]
+    assert size["bytes"]["model.gguf"] == (tmp_path / "out" / "model.gguf").stat().st_size < size["bytes"]["source"]
     from_gguf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file="model.gguf").eval()
     from_dir = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model").eval()
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
