@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from test_gguf_out import NEW_TOKENS, PROMPTS  # the same llama.cpp prompts as the unhealed GGUF checks
+
 from skipit.errors import ExportError
 from skipit.exporters.gguf import export_gguf, slim_model_tensors
 from skipit.exporters.gguf_tensors import SUPPORTED, arch_tensors, gguf_name_map, permute_qk, unpermute_qk
@@ -44,17 +46,6 @@ KINDS = {  # HF module → GGUF tensor, for one llama block
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
 }
-PROMPTS = [
-    "The capital of France is",
-    "Once upon a time, in a small village,",
-    "The three primary colors are",
-    "Water boils at a temperature of",
-    "def fibonacci(n):",
-    "The best way to learn a new language is",
-    "In 1969, the first humans",
-    "Photosynthesis is the process by which",
-]
-NEW_TOKENS = 12
 
 
 def _dequant(t) -> np.ndarray:
