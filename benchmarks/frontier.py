@@ -12,6 +12,13 @@ Baselines (implemented here, from their papers' descriptions):
   changes the output least (re-verified, ≈ L passes per removed layer).
 
     python benchmarks/frontier.py [--k 8] [--calib-samples 24] [--heal 4,8] [--json out.json]
+    python benchmarks/frontier.py --k 8 --baselines none --heal 4,8 --heal-method full,lora \
+        --heal-set sleb:5,12,13,14,15,16,17,18      # healing only: skipit's sets and a given one
+
+``--baselines`` picks the baselines that are run (ShortGPT, Gromov, SLEB; ``none``); their sets are
+deterministic for given split sizes, so a healing-only run can heal a baseline's set from an earlier run
+with ``--heal-set NAME:LAYERS`` (a ``NAME+heal`` row; an unhealed ``NAME`` row is measured beside it). A set
+healed twice with the same method (skipit's and SLEB's choices often agree) is healed once.
 
 Columns: held-out KL(original‖slim) nats/token, top-1 agreement, test-split perplexity ratio (slim /
 original), and calibration-split work in full-split pass equivalents spent to reach that k.
@@ -197,15 +204,29 @@ def main() -> None:
     parser.add_argument("--test-samples", type=int, default=None, help="test-split samples (perplexity ratio)")
     parser.add_argument("--probe-width", type=int, default=CertifyPolicy.probe_width)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--skip-sleb", action="store_true")
+    parser.add_argument("--skip-sleb", action="store_true", help="same as --baselines shortgpt,gromov")
+    parser.add_argument("--baselines", default="shortgpt,gromov,sleb",
+                        help="comma-separated baselines to run: shortgpt, gromov, sleb, or none")
+    parser.add_argument("--heal-set", action="append", default=[], metavar="NAME:LAYERS",
+                        help="also heal this set (e.g. sleb:5,12,13,14,15,16,17,18 from an earlier run); repeatable")
     parser.add_argument("--heal", default="", help="comma-separated k at which skipit's and SLEB's sets are also "
                         "healed (skipit+heal, sleb+heal columns), e.g. 4,8")
     parser.add_argument("--heal-steps", type=int, default=None)
-    parser.add_argument("--heal-method", default="full", choices=["full", "lora"])
+    parser.add_argument("--heal-method", default="full", help="full, lora, or both comma-separated (full,lora)")
     parser.add_argument("--small-file", type=int, default=0, metavar="N",
                         help="also the small-file case: N texts of ≥ 256 tokens as --calib (e.g. 32), k ≤ 4")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    baselines = set() if args.baselines == "none" else set(args.baselines.split(","))
+    if args.skip_sleb:
+        baselines.discard("sleb")
+    heal_methods = args.heal_method.split(",")
+    if not baselines <= {"shortgpt", "gromov", "sleb"} or not set(heal_methods) <= {"full", "lora"}:
+        parser.error("--baselines takes shortgpt, gromov, sleb or none; --heal-method full and/or lora")
+    given: dict[str, list[list[int]]] = {}
+    for item in args.heal_set:
+        name, _, layers = item.partition(":")
+        given.setdefault(name, []).append(sorted(int(x) for x in layers.split(",")))
     torch.manual_seed(0)
     loaded = load_model(smollm2())
     model, spec = loaded.model, decoder_spec(loaded.model)
@@ -232,17 +253,23 @@ def main() -> None:
     methods["skipit"] = (sets, [counter.at_size[len(s)] for s in sets], time.perf_counter() - t)
     bi = {ls.index: ls.score("geometric") for ls in base.layers if ls.index not in protected}
     order = sorted(bi, key=bi.get)
-    methods["shortgpt"] = ([sorted(order[:k]) for k in range(1, args.k + 1)], [1.0] * args.k, 0.0)
-    t = time.perf_counter()
-    sets, passes = block_angular(model, spec, cal, args.k, protected)
-    methods["gromov"] = (sets, [float(passes)] * args.k, time.perf_counter() - t)
-    if not args.skip_sleb:
+    if "shortgpt" in baselines:
+        methods["shortgpt"] = ([sorted(order[:k]) for k in range(1, args.k + 1)], [1.0] * args.k, 0.0)
+    if "gromov" in baselines:
+        t = time.perf_counter()
+        sets, passes = block_angular(model, spec, cal, args.k, protected)
+        methods["gromov"] = (sets, [float(passes)] * args.k, time.perf_counter() - t)
+    if "sleb" in baselines:
         t = time.perf_counter()
         sets, _ = sleb(model, spec, cal, cal_ref, args.k, protected)
         n_free = spec.num_layers - len(protected)
         methods["sleb"] = (sets, [float(sum(n_free - i for i in range(k))) for k in range(1, args.k + 1)],
                            time.perf_counter() - t)
 
+    for name, sets in given.items():
+        if name in methods:
+            parser.error(f"--heal-set {name}: that method ran in this run; use --heal")
+        methods[name] = (sets, [float("nan")] * len(sets), 0.0)
     rows = []
     for name, (sets, passes, seconds) in methods.items():
         for removed, cost in zip(sets, passes):
@@ -251,19 +278,26 @@ def main() -> None:
                          "test_ppl_ratio": math.exp(te["nll"] - base_nll["test"]), "passes": cost,
                          "seconds": round(seconds, 1)})
     heal_ks = [int(k) for k in args.heal.split(",") if k.strip()]
-    if heal_ks:
+    if heal_ks or given:
         from skipit.compressor.heal import HealConfig, build_heal_data
 
-        config = HealConfig(method=args.heal_method, **({"steps": args.heal_steps} if args.heal_steps else {}))
         # healing sees the whole calibration split (never the held-out or test samples), as skipit-compress does
         heal_batches = enc("calibration", None)
         heal_ref = run_pass(model, spec, heal_batches, keep_reference=True, layer_scores=False).reference
         heal_data = build_heal_data(model, spec, heal_batches, heal_ref)
-        for name in ("skipit", "sleb"):
-            for r in [r for r in rows if r["method"] == name and r["k"] in heal_ks]:
-                (h, te), secs = healed(model, spec, r["layers"], heal_data, config, [(hold, hold_ref), (test, test_ref)])
-                rows.append({**r, "method": f"{name}+heal", **h, "ppl": math.exp(h["nll"]),
-                             "test_ppl_ratio": math.exp(te["nll"] - base_nll["test"]), "heal_seconds": round(secs, 1)})
+        done: dict[tuple, dict] = {}
+        for method in heal_methods:
+            config = HealConfig(method=method, **({"steps": args.heal_steps} if args.heal_steps else {}))
+            suffix = "+heal" if method == heal_methods[0] else f"+heal({method})"
+            for r in [r for r in list(rows) if (r["method"] in ("skipit", "sleb") and r["k"] in heal_ks)
+                      or r["method"] in given]:
+                key = (method, tuple(r["layers"]))
+                if key not in done:
+                    (h, te), secs = healed(model, spec, r["layers"], heal_data, config,
+                                           [(hold, hold_ref), (test, test_ref)])
+                    done[key] = {**h, "ppl": math.exp(h["nll"]), "heal_method": method,
+                                 "test_ppl_ratio": math.exp(te["nll"] - base_nll["test"]), "heal_seconds": round(secs, 1)}
+                rows.append({**r, "method": r["method"] + suffix, **done[key]})
     if args.small_file:
         rows += small_file_case(model, spec, loaded.processor, min(args.k, 4), args.small_file, args.batch_size)
         rows_main = [r for r in rows if r.get("case") != "small-file"]
@@ -280,7 +314,8 @@ def main() -> None:
         print(f"{k:>2} " + " ".join(cells))
     for r in rows:
         if "heal_seconds" in r:
-            print(f"{r['method']} k={r['k']}: healed in {r['heal_seconds']} s")
+            print(f"{r['method']} k={r['k']} {r['layers']}: KL {r['kl']:.3f} (hi {r['kl_hi']:.3f}) top1 {r['top1']:.3f} "
+                  f"×ppl {r['test_ppl_ratio']:.2f}, healed in {r['heal_seconds']} s")
     print(f"skipit sets: {methods['skipit'][0]}")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "original_ppl": {k: math.exp(v) for k, v in base_nll.items()}},

@@ -16,8 +16,8 @@ from skipit.compressor.dtypes import SAVE_DTYPES, cast_weights_, source_dtype
 from skipit.compressor.heal import HealConfig, check_trainable
 from skipit.compressor.loading import LoadedModel, LoadOptions, load_model
 from skipit.compressor.reference import scratch_folder
-from skipit.compressor.manifest import (build_manifest, hub_model_card, model_card, size_record, source_card_metadata,
-                                       write_manifest)
+from skipit.compressor.manifest import (Manifest, build_manifest, hub_model_card, model_card, size_record,
+                                       source_card_metadata, write_manifest)
 from skipit.compressor.rewrite import remove_layers_, save_checkpoint, verify_reload
 from skipit import extras
 from skipit.atomic import OutputDir, write_atomic
@@ -68,7 +68,7 @@ class CompressOptions:
 class CompressResult:
     out_dir: Path
     certificate: Certificate
-    manifest: dict[str, Any]
+    manifest: Manifest
     validation: Any = None
     exports: dict[str, Any] = field(default_factory=dict)
 
@@ -160,7 +160,6 @@ def compress(model_path: str | Path, out_dir: str | Path, options: CompressOptio
         save_dtype = source_dtype(model_path) if options.save_dtype == "source" else options.save_dtype
         cert = certify(loaded.model, spec, calibration, holdout, options.policy, options.analyze, on_event=emit,
                        healing=options.heal, heal_extra=heal_extra, measure_dtype=save_dtype)
-        cert.data = data.describe()
         emit("stage", {"name": f"removing layers {cert.layers} and saving"})
         params_original = sum(p.numel() for p in loaded.model.parameters())
         config_diff = remove_layers_(loaded.model, spec, cert.layers)
@@ -183,20 +182,21 @@ def compress(model_path: str | Path, out_dir: str | Path, options: CompressOptio
             reload_check=reload_facts,
         )
         if loaded.gguf_file:
-            manifest["gguf"] = _export_gguf(loaded.model_dir / loaded.gguf_file, cert.layers, tmp, emit, healed)
+            manifest.gguf = _export_gguf(loaded.model_dir / loaded.gguf_file, cert.layers, tmp, emit, healed)
         weights = Path(loaded.model_dir) / loaded.gguf_file if loaded.gguf_file else Path(model_path)
-        manifest["size"] = size_record(params_original, params_slim, weights, tmp)
+        manifest.size = size_record(params_original, params_slim, weights, tmp)
         write_manifest(tmp, manifest)
-        write_atomic(tmp / "README.md", model_card(manifest))
+        record = manifest.as_dict()  # the JSON form: what the cards and the report read, as from disk
+        write_atomic(tmp / "README.md", model_card(record))
         write_atomic(tmp / "model" / "README.md", hub_model_card(
-            manifest, pipeline_tag="image-text-to-text" if spec.is_vlm else "text-generation",
+            record, pipeline_tag="image-text-to-text" if spec.is_vlm else "text-generation",
             metadata=source_card_metadata(model_path), base_model=source.repo_id))
         exports = _export(tmp, options, emit)
         if options.validate:
             emit("stage", {"name": "validating on the untouched test split"})
         validation = _validate(model_path, tmp, options, emit, manifest, data) if options.validate else None
         emit("stage", {"name": "writing report.md / report.html"})
-        write_report(tmp, manifest, validation=validation.as_dict() if validation else None,
+        write_report(tmp, record, validation=validation.as_dict() if validation else None,
                      speed=validation.speed.as_dict() if validation and validation.speed else None)
         loaded.release()
         if scratch is not None:
@@ -293,7 +293,7 @@ def _export(tmp: Path, options: CompressOptions, emit: Progress) -> dict[str, An
     return out
 
 
-def _validate(model_path: str | Path, tmp: Path, options: CompressOptions, emit: Progress, manifest: dict[str, Any],
+def _validate(model_path: str | Path, tmp: Path, options: CompressOptions, emit: Progress, manifest: Manifest,
               data: Any) -> Any:
     """``--validate``: the CI gate on the untouched test split (and ONNX parity when exported), given the
     manifest and the calibration set in memory (:class:`skipit.validators.gate.Certified`)."""

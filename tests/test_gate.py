@@ -12,7 +12,8 @@ import pytest
 from skipit.compressor.arch import decoder_spec
 from skipit.compressor.calibration import load_calibration
 from skipit.compressor.loading import load_model
-from skipit.compressor.manifest import MANIFEST_NAME
+from skipit.compressor.certify import Certificate
+from skipit.compressor.manifest import Manifest, build_manifest, write_manifest
 from skipit.compressor.rewrite import remove_layers_, save_checkpoint
 from skipit.errors import InvalidOptionError
 from skipit.validators.backend import BackendParityConfig
@@ -25,6 +26,15 @@ ARCH = "LlamaForCausalLM"
 FAST = {"parity": ParityConfig(n_boot=200, new_tokens=4, batch_size=4, max_length=48),
         "backend": BackendParityConfig(samples=2, max_tokens=24, new_tokens=4),
         "speed": SpeedConfig(seq_lens=(8,), repeats=1, warmup=0, decode_tokens=2)}
+
+
+def _manifest(removed: list[int], max_kl: float, described: dict) -> Manifest:
+    """A manifest as skipit-compress writes it, for a slim model with ``removed`` taken out of 4 layers,
+    certified under ``max_kl`` on the data ``described``."""
+    cert = Certificate(layers=removed, order=removed, n_layers=4, policy={"max_kl": max_kl, "confidence": 0.95},
+                       holdout={}, calibration={}, passes={})
+    return build_manifest(source={"path": "original"}, architecture=ARCH, certificate=cert, config_diff={},
+                          calibration=described, analyze_config={}, reload_check={})
 
 
 def _test_split_size(data) -> int:
@@ -46,8 +56,7 @@ def setup(tiny_model_dir, tmp_path_factory):
     out = root / "out"
     save_checkpoint(slim.model, slim.processor, original, out / "model")
     described = load_calibration(data).describe()
-    manifest = {"layers": {"removed": [2]}, "thresholds": {"max_kl": 1e-9}, "calibration": described}
-    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    write_manifest(out, _manifest([2], 1e-9, described))
     return original, out, data
 
 
@@ -150,9 +159,24 @@ def test_certified_in_memory_is_what_the_gate_uses(setup):
 
     original, out, data = setup
     calib = load_calibration(data, seed=3)  # a split the gate would not draw from the file by itself
-    manifest = {"layers": {"removed": [2]}, "thresholds": {"max_kl": 10.0}, "calibration": calib.describe()}
+    manifest = _manifest([2], 10.0, calib.describe())
     report = validate(original, out, GateConfig(**FAST), certified=Certified(manifest, calib))
     assert report.data["samples"] == len(calib.split("test")) and report.data["matches_manifest"] is True
     kl = next(c for c in report.checks if c.name.startswith("kl"))
     assert kl.bound == 10.0 and report.passed  # the file's manifest says 1e-9, which would fail
     assert report.removed == [2]
+
+
+def test_data_record_round_trip(setup, tmp_path):
+    """The manifest's data record gives back the very splits certification drew (another seed draws others);
+    other texts do not match it; a record of an unknown format is refused."""
+    _, _, data = setup
+    drawn = load_calibration(data, seed=3)
+    record = json.loads(json.dumps(drawn.describe()))
+    again = load_calibration(data)
+    assert again.splits != drawn.splits and again.restore_splits(record) and again.splits == drawn.splits
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join(json.dumps({"text": f"Another note {i}."}) for i in range(20)))
+    assert not load_calibration(other).restore_splits(record)
+    with pytest.raises(InvalidOptionError, match="data record format"):
+        again.restore_splits({**record, "format": "skipit-data/9"})

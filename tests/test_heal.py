@@ -50,7 +50,7 @@ def test_healing_lowers_held_out_kl_of_the_certified_set(healed_llama: Any) -> N
 
 
 def test_held_out_samples_never_reach_healing(healed_llama: Any) -> None:
-    manifest = healed_llama.manifest
+    manifest = healed_llama.manifest.as_dict()
     splits = manifest["calibration"]["split_indices"]
     seen = manifest["certificate"]["healing"]["samples"]
     assert seen["calibration"] == sorted(splits["calibration"])
@@ -60,7 +60,7 @@ def test_held_out_samples_never_reach_healing(healed_llama: Any) -> None:
 
 def test_healed_checkpoint_is_plain_and_holds_the_healed_weights(healed_llama: Any, tiny_model_dir) -> None:
     """The fresh-process reload equals the in-memory healed model; only the trained layers changed."""
-    manifest = healed_llama.manifest
+    manifest = healed_llama.manifest.as_dict()
     assert manifest["reload_check"]["max_abs_logit_error"] <= 1e-4
     [removed] = manifest["layers"]["removed"]
     trained = manifest["certificate"]["healing"]["trained_layers"]
@@ -116,7 +116,7 @@ def test_vlm_healing_trains_only_language_decoder_layers(tiny_model_dir, tmp_pat
     assert any("vision" in n for n in outside) and any("projector" in n for n in outside)
     for name in outside:  # vision tower, projector, embeddings, final norm, LM head
         assert name in slim and (slim[name] == source[name]).all(), f"{name} changed"
-    assert result.manifest["reload_check"]["max_abs_logit_error"] <= 1e-4
+    assert result.manifest.reload_check["max_abs_logit_error"] <= 1e-4
 
 
 def test_a_healed_gguf_carries_the_healed_weights(tiny_model_dir, tmp_path: Path) -> None:
@@ -129,11 +129,11 @@ def test_a_healed_gguf_carries_the_healed_weights(tiny_model_dir, tmp_path: Path
 
     src = _write_gguf(tiny_model_dir(LLAMA), tmp_path / "tiny.gguf")
     result = compress(src, tmp_path / "out", _options(heal=HealConfig(steps=6, lr=1e-3), save_dtype="float32"))
-    healing, gguf = result.certificate.healing, result.manifest["gguf"]
+    healing, gguf = result.certificate.healing, result.manifest.gguf
     assert gguf["file"] == "model.gguf" and "healed tensors" in gguf["note"]
     assert gguf["healed"]["change_kept"] == pytest.approx(1.0, abs=1e-6)
     assert healing["trained_layers"] and gguf["healed"]["tensors"] == len(healing["tensors"])
-    size = result.manifest["size"]
+    size = result.manifest.size
     assert size["bytes"]["model.gguf"] == (tmp_path / "out" / "model.gguf").stat().st_size < size["bytes"]["source"]
     from_gguf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file="model.gguf").eval()
     from_dir = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model").eval()

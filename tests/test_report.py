@@ -42,7 +42,7 @@ def manifest(tiny_model_dir, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     options = CompressOptions(data=DataOptions(limit=18, batch_size=4, max_length=48),
                               policy=CertifyPolicy(max_kl=None, max_layers=2))
     out = tmp_path_factory.mktemp("report") / "out"
-    return compress(tiny_model_dir("LlavaForConditionalGeneration"), out, options).manifest
+    return compress(tiny_model_dir("LlavaForConditionalGeneration"), out, options).manifest.as_dict()
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +142,22 @@ def test_size_and_test_split_parity_are_in_the_html(full: dict[str, Path], manif
     for label, value in (("perplexity ratio slim / original", "1.346"), ("greedy token match", "0.6789"),
                          ("KL(original‖slim), nats/token", "0.1234")):
         assert label in html and value in html, label
+
+
+def test_manifest_round_trips_through_its_dict_and_reads_format_1(manifest: dict[str, Any]) -> None:
+    """Manifest.from_dict(as_dict()) is lossless (through JSON, as on disk); the bound has one home (the
+    certificate's policy); a format-1 manifest (which also stored it as ``thresholds``) still reads."""
+    from skipit.compressor.manifest import Manifest
+    from skipit.errors import InvalidOptionError
+
+    as_json = json.loads(json.dumps(manifest, default=str))
+    typed = Manifest.from_dict(as_json)
+    assert json.dumps(typed.as_dict(), sort_keys=True, default=str) == json.dumps(as_json, sort_keys=True)
+    assert as_json["format"] == Manifest.FORMAT and "thresholds" not in as_json
+    assert typed.max_kl == as_json["certificate"]["policy"]["max_kl"] and typed.removed == as_json["layers"]["removed"]
+    old = {**as_json, "format": "skipit-manifest/1", "thresholds": as_json["certificate"]["policy"], "later": {"x": 1}}
+    read = Manifest.from_dict(old)
+    assert read.removed == typed.removed and read.extra == {"later": {"x": 1}}
+    assert "thresholds" not in read.as_dict() and read.as_dict()["later"] == {"x": 1}
+    with pytest.raises(InvalidOptionError, match="manifest format"):
+        Manifest.from_dict({**as_json, "format": "skipit-manifest/99"})

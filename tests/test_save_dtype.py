@@ -63,9 +63,9 @@ def test_a_bf16_checkpoint_comes_out_bf16_smaller_and_certified_as_saved(bf16_mo
     hold = result.certificate.holdout
     assert hold["dtype"] == "bfloat16" and hold["cast"]["dtype"] == "bfloat16"
     assert 0 < hold["cast"]["kl"]["mean"] < hold["kl"]["mean"], "the cast's own KL is part of the certified KL"
-    facts = result.manifest["reload_check"]
+    facts = result.manifest.reload_check
     assert facts["dtype"] == "bfloat16" and facts["max_abs_logit_error"] <= 1e-4
-    assert result.manifest["source"]["saved_dtype"] == "bfloat16"
+    assert result.manifest.source["saved_dtype"] == "bfloat16"
     assert "| weights | bfloat16 (source: bfloat16)" in (tmp_path / "out" / "README.md").read_text()
 
 

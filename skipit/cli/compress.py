@@ -216,9 +216,9 @@ def compress_command(args: argparse.Namespace) -> int:
         result = compress(args.model, args.out_dir, options_from(args, compress=True), progress=progress)
         if args.json:
             validation = result.validation.as_dict() if result.validation else None
-            print(json.dumps({**result.manifest, "validation": validation, "exports": result.exports}, default=str))
+            print(json.dumps({**result.manifest.as_dict(), "validation": validation, "exports": result.exports}, default=str))
         elif not args.quiet:
-            _summary(console, result.manifest, result.out_dir)
+            _summary(console, result.manifest.as_dict(), result.out_dir)
             if result.validation is not None:
                 console.print(result.validation.summary(), highlight=False)
         return result.exit_code

@@ -90,10 +90,18 @@ class CalibrationSet:
         """The samples of one split (``calibration``, ``holdout`` or ``test``)."""
         return [self.samples[i] for i in self.splits[name]]
 
+    #: the version of :meth:`describe`'s record (records without one are the same shape)
+    FORMAT = "skipit-data/1"
+
+    def digest(self) -> str:
+        """First 16 hex digits of the SHA-256 of the samples' texts: the same texts in the same order."""
+        return hashlib.sha256("\x00".join(s.text for s in self.samples).encode()).hexdigest()[:16]
+
     def describe(self) -> dict[str, Any]:
-        """A JSON-able record of what the data was, for the manifest and certificate."""
-        digest = hashlib.sha256("\x00".join(s.text for s in self.samples).encode()).hexdigest()[:16]
+        """A JSON-able record of what the data was and how it was split, for the manifest
+        (:meth:`restore_splits` reads the splits back)."""
         return {
+            "format": self.FORMAT,
             "source": self.source,
             "description": self.description,
             "samples": len(self.samples),
@@ -103,8 +111,21 @@ class CalibrationSet:
                           "holdout 40 %, test the rest",
             "domains": {k: dict(Counter(self.samples[i].domain or "unlabeled" for i in v)) for k, v in self.splits.items()},
             "split_indices": self.splits,
-            "text_sha256_16": digest,
+            "text_sha256_16": self.digest(),
         }
+
+    def restore_splits(self, record: dict[str, Any]) -> bool:
+        """Take the splits a :meth:`describe` record names, when it describes these very samples; return
+        whether it does (same texts in the same order). A record of an unknown format is refused."""
+        fmt = record.get("format", self.FORMAT)
+        if fmt != self.FORMAT:
+            raise InvalidOptionError(f"data record format {fmt!r} is not {self.FORMAT!r}; rerun skipit-compress "
+                                     "with this skipit version")
+        if record.get("text_sha256_16") != self.digest():
+            return False
+        if record.get("split_indices"):
+            self.splits = {k: list(v) for k, v in record["split_indices"].items()}
+        return True
 
 
 #: The calibration split never has fewer samples than this (or a third of the data, if less): selection

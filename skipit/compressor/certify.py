@@ -170,7 +170,6 @@ class Certificate:
     initial_scores: list[dict[str, Any]] = field(default_factory=list)
     combined_scores: dict[int, float] = field(default_factory=dict)
     conditions: list[dict[str, Any]] = field(default_factory=list)
-    data: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     #: with healing: what was trained, and the KL of the certified set before and after healing
     healing: dict[str, Any] | None = None
@@ -185,7 +184,7 @@ class Certificate:
     def as_dict(self) -> dict[str, Any]:
         """JSON-able record with its format version; :meth:`from_dict` reads it back."""
         out = {"format": self.FORMAT, **asdict(self)}
-        out["statement"] = self.statement()
+        out["statement"] = self.statement() if self.holdout else ""
         return out
 
     @classmethod

@@ -6,10 +6,13 @@ import datetime as _dt
 import json
 import platform
 import re
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from skipit.compressor.certify import Certificate
 from skipit.compressor.gguf_meta import gguf_header_fields
+from skipit.errors import InvalidOptionError
 
 MANIFEST_NAME = "skipit_manifest.json"
 
@@ -25,43 +28,111 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+@dataclass
+class Manifest:
+    """The record of one run, as ``skipit_manifest.json`` holds it: typed, versioned, with a lossless dict
+    round trip (:meth:`as_dict` / :meth:`from_dict`). Every setting has one home: the bound and the other
+    thresholds are the certificate's ``policy``; the data's description and splits are ``calibration``.
+
+    Readers of older formats: ``skipit-manifest/1`` also stored the policy as ``thresholds`` (the same
+    values as ``certificate.policy``); :meth:`from_dict` drops it. Keys this version does not know are kept
+    in ``extra`` and written back unchanged.
+    """
+
+    FORMAT: ClassVar[str] = "skipit-manifest/2"
+    READS: ClassVar[tuple[str, ...]] = ("skipit-manifest/1", "skipit-manifest/2")
+
+    source: dict[str, Any]
+    architecture: str
+    layers: dict[str, Any]
+    certificate: Certificate
+    analyze_config: dict[str, Any]
+    calibration: dict[str, Any]
+    config_diff: dict[str, Any]
+    reload_check: dict[str, Any]
+    versions: dict[str, str] = field(default_factory=versions)
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    #: written later in the run: the slim GGUF (GGUF input) and the size record
+    gguf: dict[str, Any] | None = None
+    size: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def removed(self) -> list[int]:
+        """Removed layers, original numbering."""
+        return list(self.layers.get("removed", self.certificate.layers))
+
+    @property
+    def max_kl(self) -> float | None:
+        """The KL bound the run was asked for (nats/token), or None (a layer budget only)."""
+        return self.certificate.policy.get("max_kl")
+
+    @property
+    def longest_context(self) -> int | None:
+        """The longest context (tokens) the certificate's held-out data covered."""
+        return self.certificate.holdout.get("longest_context")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON-able record (what :func:`write_manifest` writes)."""
+        out: dict[str, Any] = {"format": self.FORMAT, "created": self.created, "source": self.source,
+                               "architecture": self.architecture, "layers": self.layers,
+                               "certificate": self.certificate.as_dict(), "analyze_config": self.analyze_config,
+                               "calibration": self.calibration, "config_diff": self.config_diff,
+                               "reload_check": self.reload_check, "versions": self.versions}
+        out.update({k: v for k, v in (("gguf", self.gguf), ("size", self.size)) if v is not None})
+        return {**out, **self.extra}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        """The manifest :meth:`as_dict` wrote (this format or an older one :data:`READS` names)."""
+        fmt = data.get("format")
+        if fmt not in cls.READS:
+            raise InvalidOptionError(f"manifest format {fmt!r} is not one this skipit reads ({', '.join(cls.READS)}); "
+                                     "rerun skipit-compress with this version")
+        names = {f.name for f in fields(cls)} - {"extra"}
+        kw = {k: v for k, v in data.items() if k in names}
+        kw["certificate"] = Certificate.from_dict(data["certificate"])
+        extra = {k: v for k, v in data.items() if k not in names and k not in ("format", "thresholds")}
+        return cls(**kw, extra=extra)
+
+    @classmethod
+    def read(cls, out_dir: Path) -> Manifest:
+        """Read ``OUT_DIR/skipit_manifest.json``."""
+        return cls.from_dict(read_manifest(out_dir))
+
+
 def build_manifest(
     *,
     source: dict[str, Any],
     architecture: str,
-    certificate: Any,
+    certificate: Certificate,
     config_diff: dict[str, Any],
     calibration: dict[str, Any],
     analyze_config: dict[str, Any],
     reload_check: dict[str, Any],
-) -> dict[str, Any]:
+) -> Manifest:
     """Assemble the manifest: removed layers in original numbering, all scores, the certificate, versions."""
     n = certificate.n_layers
     kept = [i for i in range(n) if i not in set(certificate.layers)]
-    return {
-        "format": "skipit-manifest/1",
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "source": source,
-        "architecture": architecture,
-        "layers": {"original": n, "slim": len(kept), "removed": certificate.layers, "kept": kept,
-                   "removal_order": certificate.order},
-        "certificate": certificate.as_dict(),
-        "thresholds": certificate.policy,
-        "analyze_config": analyze_config,
-        "calibration": calibration,
-        "config_diff": config_diff,
-        "reload_check": reload_check,
-        "versions": versions(),
-    }
+    return Manifest(
+        source=source, architecture=architecture,
+        layers={"original": n, "slim": len(kept), "removed": certificate.layers, "kept": kept,
+                "removal_order": certificate.order},
+        certificate=certificate, analyze_config=analyze_config, calibration=calibration, config_diff=config_diff,
+        reload_check=reload_check,
+    )
 
 
-def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> Path:
+def write_manifest(out_dir: Path, manifest: Manifest | dict[str, Any]) -> Path:
+    """Write ``skipit_manifest.json`` into ``out_dir`` (a staging folder: the move into place is atomic)."""
+    record = manifest.as_dict() if isinstance(manifest, Manifest) else manifest
     path = out_dir / MANIFEST_NAME
-    path.write_text(json.dumps(manifest, indent=2, default=_jsonable))
+    path.write_text(json.dumps(record, indent=2, default=_jsonable))
     return path
 
 
 def read_manifest(out_dir: Path) -> dict[str, Any]:
+    """The JSON record in ``out_dir`` (:meth:`Manifest.read` gives the typed one)."""
     return json.loads((out_dir / MANIFEST_NAME).read_text())
 
 

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from skipit.compressor.loading import LoadedModel, LoadOptions
+from skipit.compressor.manifest import MANIFEST_NAME, Manifest
 from skipit.errors import (
     ExitCode,
     ExportError,
@@ -190,8 +191,6 @@ def final_path(path: str | Path) -> str:
 
 def _slim_dirs(slim_path: Path) -> tuple[Path, Path | None]:
     """(model dir, manifest file or None): accepts skipit's output dir or its ``model/`` folder."""
-    from skipit.compressor.manifest import MANIFEST_NAME
-
     if not (slim_path / "config.json").exists() and (slim_path / "model" / "config.json").exists():
         slim_path = slim_path / "model"
     manifest = slim_path.parent / MANIFEST_NAME
@@ -204,7 +203,7 @@ class Certified:
     manifest just built (the certified bound, the removed layers, the longest certified context) and the
     calibration set with its splits as certification drew them (``CalibrationSet``)."""
 
-    manifest: dict[str, Any]
+    manifest: Manifest
     data: Any
 
 
@@ -215,11 +214,11 @@ def _split_info(data: Any, config: GateConfig, same: bool | None) -> tuple[list[
     return samples, info
 
 
-def _data(config: GateConfig, manifest: dict[str, Any] | None, with_images: bool) -> tuple[list[Any], dict[str, Any]]:
+def _data(config: GateConfig, manifest: Manifest | None, with_images: bool) -> tuple[list[Any], dict[str, Any]]:
     """The evaluation samples and a JSON-able description of where they came from."""
     from skipit.compressor.calibration import load_calibration
 
-    recorded = (manifest or {}).get("calibration") or {}
+    recorded = manifest.calibration if manifest else {}
     path, limit = config.data, config.limit
     if path is None and recorded:
         source = recorded.get("source", "builtin")
@@ -231,13 +230,10 @@ def _data(config: GateConfig, manifest: dict[str, Any] | None, with_images: bool
         if limit is None:  # the certificate may have used --calib-limit: draw the same subset
             limit = recorded.get("samples")
     data = load_calibration(path, with_images=with_images, limit=limit)
-    described = data.describe()
-    same = bool(recorded) and described.get("text_sha256_16") == recorded.get("text_sha256_16")
+    same = bool(recorded) and data.restore_splits(recorded)
     if recorded and not same and config.data is None:
         log.warning("the evaluation data differs from the data in the manifest: its %s split may overlap the "
                     "samples the layers were chosen on", config.split)
-    if same and recorded.get("split_indices"):
-        data.splits = {k: list(v) for k, v in recorded["split_indices"].items()}
     return _split_info(data, config, same if recorded else None)
 
 
@@ -357,16 +353,16 @@ def check_onnx_vocabulary(onnx: Path, slim: LoadedModel) -> None:
 
 
 def _parity_checks(parity: ParityReport, config: GateConfig, certified: float | None) -> list[Check]:
-    logits, cons = parity.logits, config.conservative
+    logits, cons, conf = parity.logits, config.conservative, f"{config.parity.confidence:.0%}"
     checks = []
     max_kl = config.max_kl if config.max_kl is not None else certified
     if max_kl is not None:
         note = "" if config.max_kl is not None else "bound from the slim model's certificate"
         value = logits.kl.hi if cons else logits.kl.mean
-        checks.append(Check.of("kl" + (" (upper 95% bound)" if cons else ""), "parity", value, max_kl, "<=", note))
+        checks.append(Check.of("kl" + (f" (upper {conf} bound)" if cons else ""), "parity", value, max_kl, "<=", note))
     if config.min_top1 is not None:
         value = logits.top1.lo if cons else logits.top1.mean
-        checks.append(Check.of("top1" + (" (lower 95% bound)" if cons else ""), "parity", value, config.min_top1, ">="))
+        checks.append(Check.of("top1" + (f" (lower {conf} bound)" if cons else ""), "parity", value, config.min_top1, ">="))
     return checks
 
 
@@ -374,8 +370,8 @@ def _lm_eval_checks(report: LmEvalReport, config: GateConfig) -> list[Check]:
     bound = config.lm_eval.max_acc_drop if config.lm_eval else None
     if bound is None:
         return []
-    cons = config.conservative
-    return [Check.of(f"{t.task} {t.metric} drop" + (" (upper 95% bound)" if cons else ""), "parity", t.drop(cons), bound,
+    cons, conf = config.conservative, f"{config.lm_eval.confidence:.0%}" if config.lm_eval else ""
+    return [Check.of(f"{t.task} {t.metric} drop" + (f" (upper {conf} bound)" if cons else ""), "parity", t.drop(cons), bound,
                      "<=", f"{t.original.mean:.3f} → {t.slim.mean:.3f} on {t.items} items, {t.changed} scored differently")
             for t in report.tasks]
 
@@ -417,13 +413,13 @@ def _measure_speed(original: Any, slim: Any, config: GateConfig) -> SpeedResult:
 
 
 def _context_check(samples: Sequence[Any], processor: Any, config: GateConfig,
-                   manifest: dict[str, Any] | None) -> dict[str, Any]:
+                   manifest: Manifest | None) -> dict[str, Any]:
     """The longest evaluation sample (tokens, after ``max_length``) against the longest context the
     certificate covers; a warning when the data goes beyond it."""
     tokenizer = getattr(processor, "tokenizer", processor)
     lengths = [min(len(tokenizer(s.text)["input_ids"]), config.parity.max_length) for s in samples]
     longest = max(lengths, default=0)
-    covered = (((manifest or {}).get("certificate") or {}).get("holdout") or {}).get("longest_context")
+    covered = manifest.longest_context if manifest else None
     beyond = sum(n > covered for n in lengths) if covered else 0
     if beyond:
         log.warning("%d of %d evaluation samples are longer (up to %d tokens) than the longest context the "
@@ -442,7 +438,6 @@ def validate(original_path: str | Path, slim_path: str | Path, config: GateConfi
     from skipit.compressor.arch import decoder_spec
     from skipit.compressor.hub import resolve_model
     from skipit.compressor.loading import load_model
-    from skipit.compressor.manifest import read_manifest
     from skipit.validators.backend import backend_parity
     from skipit.validators.parity import check_parity
 
@@ -455,11 +450,11 @@ def validate(original_path: str | Path, slim_path: str | Path, config: GateConfi
         tasks = prepare_tasks(config.lm_eval)
     slim_dir, manifest_path = _slim_dirs(Path(slim_path))
     if certified is not None:
-        manifest: dict[str, Any] | None = certified.manifest
+        manifest: Manifest | None = certified.manifest
     else:
-        manifest = read_manifest(manifest_path.parent) if manifest_path else None
-    removed = (manifest or {}).get("layers", {}).get("removed")
-    certified_kl = ((manifest or {}).get("thresholds") or {}).get("max_kl")
+        manifest = Manifest.read(manifest_path.parent) if manifest_path else None
+    removed = manifest.removed if manifest else None
+    certified_kl = manifest.max_kl if manifest else None
     emit("stage", {"name": f"loading {original_path} and {slim_dir}"})
     source = resolve_model(original_path, revision=config.revision, cache_dir=config.cache_dir,
                            allow_pickle=config.load.allow_pickle, trust_remote_code=config.load.trust_remote_code)
