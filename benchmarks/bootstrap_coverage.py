@@ -58,7 +58,8 @@ def per_sample_kl(sets: list[list[int]], splits: list[str], max_length: int) -> 
     """``{"13": {"sums": [...], "counts": [...]}, ...}``: per-sample KL sums and token counts per removed set."""
     from skipit.compressor.analyze import run_pass
     from skipit.compressor.arch import decoder_spec
-    from skipit.compressor.calibration import encode, load_calibration
+    from skipit.compressor.calibration import load_calibration
+    from skipit.compressor.batches import encode
     from skipit.compressor.loading import load_model
 
     loaded = load_model(smollm2())

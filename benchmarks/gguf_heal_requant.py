@@ -41,7 +41,8 @@ import torch
 
 from skipit.compressor.analyze import run_pass
 from skipit.compressor.arch import decoder_spec
-from skipit.compressor.calibration import encode, load_calibration
+from skipit.compressor.calibration import load_calibration
+from skipit.compressor.batches import encode
 from skipit.compressor.heal import HealConfig, build_heal_data, heal_
 from skipit.compressor.loading import load_model
 from skipit.exporters.gguf_tensors import arch_tensors, dequantize, gguf_name_map, requantize

@@ -162,7 +162,8 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     from skipit.compressor.analyze import AnalyzeConfig, run_pass
-    from skipit.compressor.certify import CertifyPolicy, certify
+    from skipit.compressor.certify import certify
+    from skipit.compressor.certificate import CertifyPolicy
     from skipit.compressor.dtypes import source_dtype
     from skipit.compressor.loading import LoadOptions
     from skipit.compressor.reference import scratch_folder

@@ -83,3 +83,9 @@ class ExitCode(enum.IntEnum):
     EXPORT_MISMATCH = 6  #: an exported graph (or the slim tokenizer) does not match the model
     INTERRUPTED = 130  #: Ctrl-C (128 + SIGINT)
     TERMINATED = 143  #: SIGTERM (128 + SIGTERM)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty), for one-line errors."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

@@ -10,11 +10,14 @@ from typing import Any, Callable, Sequence
 
 from skipit.compressor.analyze import AnalyzeConfig, run_pass
 from skipit.compressor.arch import decoder_spec
-from skipit.compressor.calibration import DataOptions, EncodedBatches, count_samples, encode, load_calibration, read_jsonl
-from skipit.compressor.certify import Certificate, CertifyPolicy, certify
+from skipit.compressor.calibration import DataOptions, load_calibration, read_jsonl
+from skipit.compressor.batches import EncodedBatches, count_samples, encode
+from skipit.compressor.certify import certify
+from skipit.compressor.certificate import Certificate, CertifyPolicy
 from skipit.compressor.dtypes import SAVE_DTYPES, cast_weights_, source_dtype
 from skipit.compressor.heal import HealConfig, check_trainable
 from skipit.compressor.loading import LoadedModel, LoadOptions, load_model
+from skipit.compressor.placement import modules_per_device
 from skipit.compressor.reference import scratch_folder
 from skipit.compressor.manifest import (Manifest, build_manifest, hub_model_card, model_card, size_record,
                                        source_card_metadata, write_manifest)
@@ -207,11 +210,8 @@ def compress(model_path: str | Path, out_dir: str | Path, options: CompressOptio
 
 def placement(loaded: LoadedModel) -> dict[str, Any]:
     """Where accelerate put the model (``--device auto``): modules per device, and the device map itself."""
-    counts: dict[str, int] = {}
     device_map = loaded.device_map or {}
-    for where in device_map.values():
-        counts[str(where)] = counts.get(str(where), 0) + 1
-    return {"modules_per_device": counts, "device_map": {k: str(v) for k, v in device_map.items()}}
+    return {"modules_per_device": modules_per_device(device_map), "device_map": {k: str(v) for k, v in device_map.items()}}
 
 
 def _healed_tensors(loaded: LoadedModel, cert: Certificate) -> dict[str, Any]:

@@ -8,8 +8,10 @@ import torch
 
 from skipit.compressor.analyze import AnalyzeConfig, run_pass
 from skipit.compressor.arch import decoder_spec
-from skipit.compressor.calibration import encode, load_calibration
-from skipit.compressor.certify import CertifyPolicy, certify
+from skipit.compressor.calibration import load_calibration
+from skipit.compressor.batches import encode
+from skipit.compressor.certify import certify
+from skipit.compressor.certificate import CertifyPolicy
 from skipit.compressor.loading import load_model
 
 

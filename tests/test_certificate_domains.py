@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from skipit.compressor.calibration import MIN_CALIBRATION, load_calibration
-from skipit.compressor.certify import CertifyPolicy
+from skipit.compressor.certificate import CertifyPolicy
 from skipit.errors import CalibrationDataError
 from skipit.pipeline import CompressOptions, DataOptions, compress
 
@@ -93,7 +93,7 @@ def test_the_gate_warns_about_data_longer_than_the_certified_context(runs: dict[
 
 
 def test_the_certificate_round_trips_through_json(runs: dict[str, Any]) -> None:
-    from skipit.compressor.certify import Certificate
+    from skipit.compressor.certificate import Certificate
 
     cert = runs["worst-domain"].certificate
     written = json.loads(json.dumps(cert.as_dict(), default=str))

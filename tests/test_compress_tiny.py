@@ -12,7 +12,7 @@ import pytest
 import tiny_models
 
 from skipit.compressor.arch import REGISTRY
-from skipit.compressor.certify import CertifyPolicy
+from skipit.compressor.certificate import CertifyPolicy
 from skipit.pipeline import CompressOptions, DataOptions, compress
 
 FRESH_PROCESS_GENERATE = """

@@ -12,7 +12,7 @@ import pytest
 from skipit.compressor.arch import decoder_spec
 from skipit.compressor.calibration import load_calibration
 from skipit.compressor.loading import load_model
-from skipit.compressor.certify import Certificate
+from skipit.compressor.certificate import Certificate
 from skipit.compressor.manifest import Manifest, build_manifest, write_manifest
 from skipit.compressor.rewrite import remove_layers_, save_checkpoint
 from skipit.errors import InvalidOptionError

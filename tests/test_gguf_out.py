@@ -240,6 +240,8 @@ def torch_greedy(smollm2_gguf: Path) -> dict:
     loaded = load_model(smollm2_gguf)
     tok = loaded.tokenizer
     tok.padding_side = "left"
+    if tok.pad_token_id is None:  # transformers 4.57 builds SmolLM2's GGUF tokenizer without one; the mask hides it
+        tok.pad_token = tok.eos_token
     batch = tok(PROMPTS, return_tensors="pt", padding=True)
     eos = loaded.model.generation_config.eos_token_id
 

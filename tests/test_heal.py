@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from safetensors.torch import load_file
 
-from skipit.compressor.certify import CertifyPolicy
+from skipit.compressor.certificate import CertifyPolicy
 from skipit.compressor.heal import HealConfig, layers_to_train
 from skipit.pipeline import CompressOptions, DataOptions, compress
 
@@ -83,7 +83,8 @@ def test_healing_is_deterministic_and_undo_is_exact(tiny_model_dir) -> None:
 
     from skipit.compressor.analyze import run_pass
     from skipit.compressor.arch import decoder_spec
-    from skipit.compressor.calibration import encode, load_calibration
+    from skipit.compressor.calibration import load_calibration
+    from skipit.compressor.batches import encode
     from skipit.compressor.heal import HealData, heal_
     from skipit.compressor.loading import load_model
 

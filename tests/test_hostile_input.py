@@ -385,7 +385,8 @@ import json, resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, 6 * 2**30))
 from skipit.cli import main
 from skipit.compressor.arch import decoder_spec
-from skipit.compressor.calibration import encode, load_calibration
+from skipit.compressor.calibration import load_calibration
+from skipit.compressor.batches import encode
 from skipit.compressor.loading import load_model
 
 model_dir, normal, long, huge, out = sys.argv[1:]

@@ -60,7 +60,7 @@ def previous_output(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 def _compress(model: Path, out: Path, on_stage: Callable[[str], None], overwrite: bool = False) -> Any:
     """The library pipeline, with a hook that acts like a user while skipit works."""
-    from skipit.compressor.certify import CertifyPolicy
+    from skipit.compressor.certificate import CertifyPolicy
     from skipit.pipeline import CompressOptions, DataOptions, compress
 
     options = CompressOptions(data=DataOptions(limit=12, batch_size=4, max_length=24),

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from skipit.compressor.certify import CertifyPolicy
+from skipit.compressor.certificate import CertifyPolicy
 from skipit.pipeline import CompressOptions, DataOptions, compress
 from skipit.report import KEPT, write_report
 

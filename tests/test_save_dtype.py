@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 
-from skipit.compressor.certify import CertifyPolicy
+from skipit.compressor.certificate import CertifyPolicy
 from skipit.compressor.dtypes import source_dtype
 from skipit.pipeline import CompressOptions, DataOptions, compress
 

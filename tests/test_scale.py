@@ -105,7 +105,8 @@ def test_batches_are_encoded_when_read_and_the_reference_reads_back_exactly(tiny
 
     from skipit.compressor.analyze import run_pass
     from skipit.compressor.arch import decoder_spec
-    from skipit.compressor.calibration import EncodedBatches, batch_domains, count_samples, load_calibration
+    from skipit.compressor.calibration import load_calibration
+    from skipit.compressor.batches import EncodedBatches, batch_domains, count_samples
     from skipit.compressor.certify import _screen_subset
     from skipit.compressor.reference import scratch_folder
     from skipit.pipeline import CompressOptions, DataOptions, encode_split, prepare
@@ -147,7 +148,8 @@ REFERENCE_RAM = textwrap.dedent("""
     from pathlib import Path
     from skipit.compressor.analyze import run_pass
     from skipit.compressor.arch import decoder_spec
-    from skipit.compressor.calibration import Sample, encode
+    from skipit.compressor.calibration import Sample
+    from skipit.compressor.batches import encode
     from skipit.compressor.loading import load_model
     from skipit.compressor.reference import scratch_folder
 

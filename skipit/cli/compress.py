@@ -85,7 +85,7 @@ def add_backend(p: argparse.ArgumentParser) -> None:
 
 
 def add_compress_args(p: argparse.ArgumentParser) -> None:
-    from skipit.compressor.certify import CertifyPolicy
+    from skipit.compressor.certificate import CertifyPolicy
     from skipit.compressor.heal import HealConfig
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -151,7 +151,7 @@ def _heal_config(args: argparse.Namespace) -> Any:
 def options_from(args: argparse.Namespace, compress: bool) -> Any:
     """The :class:`~skipit.pipeline.CompressOptions` for parsed ``compress`` / ``analyze`` arguments."""
     from skipit.compressor.analyze import AnalyzeConfig
-    from skipit.compressor.certify import CertifyPolicy
+    from skipit.compressor.certificate import CertifyPolicy
     from skipit.compressor.loading import LoadOptions
     from skipit.pipeline import CompressOptions, DataOptions
 

@@ -2,8 +2,10 @@
 
 from skipit.compressor.analyze import AnalyzeConfig, LayerStats, analyze, run_pass
 from skipit.compressor.arch import ArchSpec, DecoderSpec, decoder_spec, register, supported_architectures
-from skipit.compressor.calibration import CalibrationSet, Sample, encode, load_calibration
-from skipit.compressor.certify import Certificate, CertifyPolicy, certify
+from skipit.compressor.calibration import CalibrationSet, Sample, load_calibration
+from skipit.compressor.batches import encode
+from skipit.compressor.certify import certify
+from skipit.compressor.certificate import Certificate, CertifyPolicy
 from skipit.compressor.loading import LoadedModel, LoadOptions, load_model
 from skipit.compressor.rewrite import remove_layers_, save_checkpoint, verify_reload
 

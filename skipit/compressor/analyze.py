@@ -260,7 +260,7 @@ def run_pass(
     """
     import torch
 
-    from skipit.compressor.calibration import count_samples
+    from skipit.compressor.batches import count_samples
     from skipit.compressor.reference import ReferenceStore
 
     n_samples = count_samples(batches)

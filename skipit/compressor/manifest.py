@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-from skipit.compressor.certify import Certificate
+from skipit.compressor.certificate import Certificate
 from skipit.compressor.gguf_meta import gguf_header_fields
 from skipit.errors import InvalidOptionError
 

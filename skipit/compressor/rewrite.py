@@ -62,7 +62,7 @@ def check_in_memory(model: Any, spec: Any) -> None:
             idx = getattr(module, "layer_idx", None)
             if isinstance(idx, int) and idx != pos:
                 raise RewriteError(f"layer at position {pos} still has layer_idx={idx}; the KV cache would index the wrong layer")
-    from skipit.compressor.loading import input_device
+    from skipit.compressor.placement import input_device
 
     ids = torch.tensor([[1, 2, 3]], device=input_device(model))
     try:
@@ -154,7 +154,7 @@ def verify_reload(model_dir: Path, model: Any, spec: Any, inputs: dict[str, Any]
             raise RewriteError(f"the saved checkpoint {model_dir} does not reload in a fresh process: {tail[0]}")
         result = load_file(str(out_path))
     facts = json.loads(proc.stdout.strip().splitlines()[-1])
-    from skipit.compressor.loading import input_device
+    from skipit.compressor.placement import input_device
 
     with torch.inference_mode():
         device = input_device(model)

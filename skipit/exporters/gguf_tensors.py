@@ -158,6 +158,8 @@ def gguf_name_map(arch: str, n_blocks: int, gguf: Any) -> Callable[[str], str | 
     return lookup
 
 
+#: a GGUF block tensor's name: ``blk.{i}.{rest}``
+GGUF_BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
 _HF_BLOCK = re.compile(r"(?:.*\.)?layers\.(\d+)\.(.+)")
 
 

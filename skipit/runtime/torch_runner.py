@@ -19,7 +19,7 @@ class TorchRunner(RssMemory):
     def __init__(self, model: Any, name: str = "torch") -> None:
         self.model = model
         self.name = name
-        from skipit.compressor.loading import input_device  # a dispatched model's first parameter may be on "meta"
+        from skipit.compressor.placement import input_device  # a dispatched model's first parameter may be on "meta"
 
         self.device = str(input_device(model))
         self.vocab_size = int(model.config.get_text_config().vocab_size)

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from skipit.compressor.loading import input_device as _input_device
+from skipit.compressor.placement import input_device as _input_device
 from skipit.errors import ExportMismatchError, InvalidOptionError, SkipitError
 from skipit.exporters.onnx.convention import MODEL_FILE, ONNX_SUBDIR, find_split_export
 from skipit.runtime.base import host
@@ -154,7 +154,7 @@ def _split_parity(slim: Any, processor: Any, samples: Sequence[Any], path: Path,
     import torch
 
     from skipit.compressor.arch import decoder_spec
-    from skipit.compressor.calibration import encode
+    from skipit.compressor.batches import encode
     from skipit.runtime.ort import open_onnx
     from skipit.runtime.torch_runner import hf_greedy
     from skipit.validators.generation import build_prompts

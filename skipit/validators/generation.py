@@ -48,7 +48,7 @@ def build_prompts(
     max_length: int = 128, device: str = "cpu",
 ) -> list[Prompt]:
     """One generation prompt per sample (see the module docstring); sample ids follow ``samples``."""
-    from skipit.compressor.calibration import encode
+    from skipit.compressor.batches import encode
 
     def one(sample: Any) -> Any:
         return encode([sample], processor, spec, batch_size=1, max_length=max_length, device=device)[0]

@@ -152,7 +152,7 @@ class ParityReport:
 
 
 def _model_device(model: Any) -> str:
-    from skipit.compressor.loading import input_device  # a dispatched model's first parameter may be on "meta"
+    from skipit.compressor.placement import input_device  # a dispatched model's first parameter may be on "meta"
 
     return str(input_device(model))
 
@@ -166,7 +166,7 @@ def logit_parity(original: Any, slim: Any, batches: Sequence[Any], config: Parit
     from skipit.compressor.analyze import AnalyzeConfig, run_pass
     from skipit.compressor.arch import decoder_spec
 
-    from skipit.compressor.calibration import count_samples
+    from skipit.compressor.batches import count_samples
 
     emit = on_event or (lambda kind, info: None)
     acfg = AnalyzeConfig(confidence=config.confidence, n_boot=config.n_boot)
@@ -246,7 +246,7 @@ def check_parity(original: Any, slim: Any, samples: Sequence[Any], processor: An
     Both models must share ``processor`` (a slim model keeps the original's tokenizer) and device.
     """
     from skipit.compressor.arch import decoder_spec
-    from skipit.compressor.calibration import encode
+    from skipit.compressor.batches import encode
 
     if not samples:
         raise InvalidOptionError("no samples to validate on; give a data file with more lines or another split")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from skipit.errors import ExportError
+from skipit.errors import ExportError, first_line
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -83,8 +83,7 @@ def check_trt_compatibility(onnx_path: str | Path, opset: int | None = None) -> 
     try:
         onnx.checker.check_model(str(path))
     except Exception as exc:  # noqa: BLE001 - report any checker failure, never crash the check
-        first_line = (str(exc).strip().splitlines() or [repr(exc)])[0]
-        problems.append(f"onnx.checker failed: {first_line}")
+        problems.append(f"onnx.checker failed: {first_line(exc)}")
     model = load_graph_only(path)
     graph_opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     problems += _opset_problems(graph_opset, opset, warnings)
