@@ -36,8 +36,9 @@ node: $(NODE_DIR)/.installed
 # (--backend optimum). It runs the test files where the transformers version changes what happens
 # (loading, GGUF dequantization, config rewriting and saving, every ONNX route, the real model); the
 # rest (CLI habits, file safety, statistics, reports) does not touch version-specific code. test_gguf_out.py
-# (GGUF writer + llama.cpp) runs under 5.x only: under 4.57 its torch_greedy fixture pads with a GGUF tokenizer
-# that has no pad token (ValueError in the fixture, not in skipit); to fix in the fixture.
+# (GGUF writer + llama.cpp) runs under 5.x only: transformers 4.57 builds SmolLM2's GGUF tokenizer with a BOS
+# token prepended (id 1) where llama.cpp and transformers 5.x add none, so the test's token-by-token comparison
+# of llama.cpp with torch does not hold there (measured: 16 of its 17 tests pass under 4.57, that one differs by the BOS).
 OPTIMUM_TESTS ?= tests/test_compat.py tests/test_tiny_models.py tests/test_rewrite_pitfalls.py \
   tests/test_compress_tiny.py tests/test_onnx_text.py tests/test_export_all_archs.py tests/test_onnx_vlm.py \
   tests/test_genai.py tests/test_save_dtype.py tests/test_real_model.py

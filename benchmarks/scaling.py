@@ -235,15 +235,15 @@ def cases(only: set[str], quick: bool, max_length: int, work: Path, offload_cpu:
     if "sizes" in only:
         for name in (["tiny", "tiny-h2"] if quick else list(TINY) + ["smollm2"]):
             out.append({**base, "group": "model size", "model": name, "scale": 1, "what": "certify"})
+    if "offload" in only:  # quick: the 8×-hidden tiny Llama (57 MB of weights), half of it on disk
+        out.append({**base, "group": "disk offload", "model": "tiny-h8" if quick else "smollm2", "scale": 1,
+                    "what": "certify", "max_memory": f"cpu={'30MB' if quick else offload_cpu}"})
     if "samples" in only:
         for scale in ((1, 4) if quick else (1, 4, 16)):
             out.append({**base, "group": "calibration size", "model": "tiny-h8", "scale": scale, "what": "certify"})
         if not quick:
             for scale in (1, 4, 16):
                 out.append({**base, "group": "calibration size", "model": "smollm2", "scale": scale, "what": "analyze"})
-    if "offload" in only:  # quick: the 8×-hidden tiny Llama (57 MB of weights), half of it on disk
-        out.append({**base, "group": "disk offload", "model": "tiny-h8" if quick else "smollm2", "scale": 1,
-                    "what": "certify", "max_memory": f"cpu={'30MB' if quick else offload_cpu}"})
     return out
 
 

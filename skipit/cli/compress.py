@@ -10,7 +10,7 @@ from typing import Any
 from skipit.cli.runner import EXIT_CODES_HELP, Progress, add_output_flags, dtype_arg, run_job
 
 COMPRESS_EXAMPLES = """examples:
-  skipit-compress ./SmolLM2-135M out --max-kl 0.35 --max-layers 4
+  skipit-compress ./SmolLM2-135M out --max-kl 0.8 --max-layers 4
   skipit-compress model.Q4_1.gguf out --max-layers 2 --heal          # GGUF in (→ out/model.gguf); heal
   skipit-compress HuggingFaceTB/SmolLM2-135M-Instruct out --max-layers 2   # a Hub id (HF cache; HF_HUB_OFFLINE)
   skipit-compress ./llava out --calib data.jsonl --export onnx --validate   # the whole pipeline, as a CI gate
