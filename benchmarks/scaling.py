@@ -177,7 +177,8 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     data = work / f"data-{case['scale']}x.jsonl"
     del transformers
     load = LoadOptions(device="auto", max_memory=case["max_memory"]) if case.get("max_memory") else LoadOptions()
-    options = CompressOptions(load=load, data=DataOptions(path=data, batch_size=8, max_length=case["max_length"]),
+    options = CompressOptions(load=load, data=DataOptions(path=data, batch_size=case.get("batch_size", 8),
+                                                          max_length=case["max_length"]),
                               policy=CertifyPolicy(max_kl=None, max_layers=2))
     io = count_reference_io()
     sampler = RssSampler()
@@ -229,8 +230,9 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def cases(only: set[str], quick: bool, max_length: int, work: Path, offload_cpu: str) -> list[dict[str, Any]]:
-    base = {"work": str(work), "max_length": max_length, "max_memory": None}
+def cases(only: set[str], quick: bool, max_length: int, work: Path, offload_cpu: str,
+          batch_size: int = 8) -> list[dict[str, Any]]:
+    base = {"work": str(work), "max_length": max_length, "max_memory": None, "batch_size": batch_size}
     out = []
     if "sizes" in only:
         for name in (["tiny", "tiny-h2"] if quick else list(TINY) + ["smollm2"]):
@@ -279,6 +281,7 @@ def main() -> None:
     ap.add_argument("--only", default="sizes,samples,offload", help="comma-separated: sizes, samples, offload")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--max-length", type=int, default=128, help="tokens per sample (default 128)")
+    ap.add_argument("--batch-size", type=int, default=8, help="samples per batch (default 8)")
     ap.add_argument("--offload-cpu", default="300MB", help="--max-memory cpu=… of the offload run (default 300MB: "
                     "about half of SmolLM2's 538 MB of float32 weights)")
     ap.add_argument("--work", type=Path, help="folder for the tiny models and data files (default: a temporary one)")
@@ -293,7 +296,7 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         rows = []
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
-        todo = cases(set(args.only.split(",")), args.quick, args.max_length, work, args.offload_cpu)
+        todo = cases(set(args.only.split(",")), args.quick, args.max_length, work, args.offload_cpu, args.batch_size)
         for case in todo:  # built here, so that every case process starts from the same imports
             if case["model"] != "smollm2":
                 build_tiny(case["model"], work)
