@@ -63,3 +63,15 @@ def no_files_left_behind():
     yield
     added = _tree_snapshot(REPO) - before
     assert not added, f"test left files behind in the repository: {sorted(added)[:5]}"
+
+
+@pytest.fixture(autouse=True)
+def root_logging_restored():
+    """A CLI run sets the root logger's level (``--quiet``: ERROR); restore it, so that a later test's
+    ``caplog`` sees warnings whatever ran before it (pytest adds and removes its own handlers per test)."""
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    yield
+    root.setLevel(level)

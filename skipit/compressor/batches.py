@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Sequence
 
 from skipit.compressor.calibration import CHARS_PER_TOKEN, Sample
+from skipit.compressor.views import IndexedView
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,7 @@ class EncodedBatches(Sequence[Batch]):
         return f"EncodedBatches({len(self)} batches, {self.n_samples} samples, device={self._encoder.device})"
 
 
-class BatchPrefix(Sequence[Batch]):
+class BatchPrefix(IndexedView[Batch]):
     """The first ``n`` samples of a sequence of batches (the last batch cut, its padding kept), read through."""
 
     def __init__(self, batches: Sequence[Batch], n: int) -> None:
@@ -205,18 +206,9 @@ class BatchPrefix(Sequence[Batch]):
     def __len__(self) -> int:
         return self._len
 
-    def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if not -self._len <= i < self._len:
-            raise IndexError(i)
-        i %= self._len
+    def _read(self, i: int) -> Batch:
         batch = self.batches[i]
         return batch.cut(self.last_rows) if i == self._len - 1 else batch
-
-    def __iter__(self) -> Iterator[Batch]:
-        for i in range(self._len):
-            yield self[i]
 
     def domains(self) -> list[str | None]:
         return [d for i in range(self._len) for d in self._meta(i)]

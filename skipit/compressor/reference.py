@@ -31,6 +31,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from skipit.compressor.views import IndexedView
+
 _SCRATCH: contextvars.ContextVar[Path | None] = contextvars.ContextVar("skipit_scratch", default=None)
 
 
@@ -57,7 +59,7 @@ def _unlink(path: str) -> None:
         os.unlink(path)
 
 
-class ReferenceStore(Sequence[tuple[Any, Any]]):
+class ReferenceStore(IndexedView[tuple[Any, Any]]):
     """Per-batch reference log-probs (fp16) and top-1 ids, spilled to one file; see the module docstring."""
 
     def __init__(self, folder: str | os.PathLike[str] | None = None) -> None:
@@ -94,14 +96,8 @@ class ReferenceStore(Sequence[tuple[Any, Any]]):
     def __len__(self) -> int:
         return len(self._index)
 
-    def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
+    def _read(self, i: int) -> tuple[Any, Any]:
         return self.read(i)
-
-    def __iter__(self) -> Iterator[tuple[Any, Any]]:
-        for i in range(len(self)):
-            yield self.read(i)
 
     def read(self, i: int, rows: int | None = None) -> tuple[Any, Any]:
         """Batch ``i`` as CPU tensors (fp16 log-probs, int64 top-1), or only its first ``rows`` sample rows."""
@@ -159,7 +155,7 @@ def _close_and_unlink(file: Any, path: str) -> None:
     _unlink(path)
 
 
-class ReferenceView(Sequence[tuple[Any, Any]]):
+class ReferenceView(IndexedView[tuple[Any, Any]]):
     """A prefix of a :class:`ReferenceStore` (see :meth:`ReferenceStore.cut`); reads through to the store."""
 
     def __init__(self, store: ReferenceStore, batches: int, last_rows: int | None) -> None:
@@ -168,20 +164,11 @@ class ReferenceView(Sequence[tuple[Any, Any]]):
     def __len__(self) -> int:
         return self.batches
 
-    def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if not -self.batches <= i < self.batches:
-            raise IndexError(i)
-        i %= self.batches
+    def _read(self, i: int) -> tuple[Any, Any]:
         return self.store.read(i, self.last_rows if i == self.batches - 1 else None)
 
-    def __iter__(self) -> Iterator[tuple[Any, Any]]:
-        for i in range(self.batches):
-            yield self[i]
 
-
-class Chain(Sequence[Any]):
+class Chain(IndexedView[Any]):
     """Several sequences read as one (batches or references), without copying or encoding anything."""
 
     def __init__(self, *parts: Sequence[Any]) -> None:
@@ -191,12 +178,7 @@ class Chain(Sequence[Any]):
     def __len__(self) -> int:
         return int(self._starts[-1])
 
-    def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if not -len(self) <= i < len(self):
-            raise IndexError(i)
-        i %= len(self)
+    def _read(self, i: int) -> Any:
         part = int(np.searchsorted(self._starts, i, side="right")) - 1
         return self.parts[part][i - int(self._starts[part])]
 
