@@ -139,10 +139,11 @@ def healed(model, spec, removed, heal_data, config, batches_refs) -> tuple[list[
 
 
 def joined_texts(processor, records, tokens: int) -> list[dict]:
-    """Consecutive built-in paragraphs of one domain joined until each text holds ``tokens`` tokens."""
+    """Paragraphs of one domain joined, in order, until each text holds ``tokens`` tokens (the built-in
+    records alternate domains, so they are grouped by domain first; the sort is stable)."""
     tok = getattr(processor, "tokenizer", processor)
     out, current, domain = [], [], None
-    for r in records:
+    for r in sorted(records, key=lambda r: str(r.get("domain"))):
         if r.get("domain") != domain:
             current, domain = [], r.get("domain")
         current.append(r["text"])
