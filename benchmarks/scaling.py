@@ -177,7 +177,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     data = work / f"data-{case['scale']}x.jsonl"
     del transformers
     load = LoadOptions(device="auto", max_memory=case["max_memory"]) if case.get("max_memory") else LoadOptions()
-    options = CompressOptions(load=load, data=DataOptions(path=data, batch_size=case.get("batch_size", 8),
+    options = CompressOptions(load=load, data=DataOptions(path=data, batch_size=case["batch_size"],
                                                           max_length=case["max_length"]),
                               policy=CertifyPolicy(max_kl=None, max_layers=2))
     io = count_reference_io()
@@ -231,7 +231,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
 
 
 def cases(only: set[str], quick: bool, max_length: int, work: Path, offload_cpu: str,
-          batch_size: int = 8) -> list[dict[str, Any]]:
+          batch_size: int) -> list[dict[str, Any]]:
     base = {"work": str(work), "max_length": max_length, "max_memory": None, "batch_size": batch_size}
     out = []
     if "sizes" in only:
@@ -277,11 +277,14 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
+    from skipit.compressor.calibration import DataOptions
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default="sizes,samples,offload", help="comma-separated: sizes, samples, offload")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--max-length", type=int, default=128, help="tokens per sample (default 128)")
-    ap.add_argument("--batch-size", type=int, default=8, help="samples per batch (default 8)")
+    ap.add_argument("--batch-size", type=int, default=DataOptions.batch_size,
+                    help=f"samples per batch (default {DataOptions.batch_size}, skipit-compress's)")
     ap.add_argument("--offload-cpu", default="300MB", help="--max-memory cpu=… of the offload run (default 300MB: "
                     "about half of SmolLM2's 538 MB of float32 weights)")
     ap.add_argument("--work", type=Path, help="folder for the tiny models and data files (default: a temporary one)")
