@@ -69,3 +69,43 @@ def test_oracle_ranks_an_identity_layer_as_harmless(tiny_model_dir) -> None:
     assert result.damage[2]["kl"] < 1e-4 < min(result.damage[i]["kl"] for i in (1, 3, 4))  # fp16 reference floor ~2e-5
     assert set(result.spearman) >= {"geometric", "proximal", "informational", "combined"}
     assert -1 <= result.spearman["combined"] <= 1 and result.passes == 6
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["llama", "granite-scaled-logits"])
+def test_log_probs_taken_a_slice_at_a_time_equal_the_models_own(tiny_model_dir, monkeypatch, caplog, scaled: bool) -> None:
+    """Passes read the final norm's output through the LM head a few tokens at a time (memory: one slice of
+    logits, not the batch's); a model whose logits are not lm_head(norm(h)) — Granite divides them by
+    ``logits_scaling`` — is noticed and measured from its own whole-batch logits instead."""
+    import logging
+
+    import transformers
+
+    from skipit.compressor import textlogp
+
+    loaded = load_model(tiny_model_dir("LlamaForCausalLM"))
+    model, tokenizer = loaded.model, loaded.processor
+    if scaled:
+        cfg = model.config
+        torch.manual_seed(0)
+        model = transformers.GraniteForCausalLM(transformers.GraniteConfig(
+            vocab_size=cfg.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, logits_scaling=4.0, pad_token_id=cfg.pad_token_id)).eval()
+    spec = decoder_spec(model)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(textlogp, "CHUNK_BYTES", 4 * vocab * 7)  # 7 tokens per slice: several per batch
+    data = load_calibration(None, limit=12)
+    batches = encode(data.split("calibration") + data.split("holdout"), tokenizer, spec, batch_size=3, max_length=24)
+    with caplog.at_level(logging.WARNING, logger=textlogp.__name__):
+        ref = run_pass(model, spec, batches, keep_reference=True, layer_scores=False).reference
+        div = run_pass(model, spec, batches, reference=ref, layer_scores=False).measured
+    assert any("not its LM head" in r.getMessage() for r in caplog.records) == scaled
+    assert textlogp.TextLogprobs(model, spec).sliced, "both models take logits_to_keep"
+    text_tokens = 0
+    with torch.inference_mode():
+        for i, batch in enumerate(batches):
+            full = torch.log_softmax(model(**batch.inputs, use_cache=False).logits.float()[batch.text_mask], -1)
+            logp, top1 = ref[i]
+            assert len(logp) == len(full) > 7
+            assert torch.allclose(logp.float(), full, atol=1e-2, rtol=0) and torch.equal(top1, full.argmax(-1))
+            text_tokens += len(full)
+    assert div.kl.mean < 1e-4 and div.top1.mean == 1.0 and int(div.sample_counts[:, 0].sum()) == text_tokens

@@ -25,6 +25,7 @@ import numpy as np
 
 from skipit.compressor.crossmodal import capture_vision_attention
 from skipit.compressor.stats import Estimate, bootstrap_ratio, rank01
+from skipit.compressor.textlogp import TextLogprobs, head_logprobs
 from skipit.errors import InvalidOptionError
 
 log = logging.getLogger(__name__)
@@ -203,16 +204,6 @@ class _Accumulator:
         self.xattn_count = np.zeros(n_samples)
 
 
-def _lens_logprobs(spec: Any, h: Any) -> Any:
-    import torch
-
-    logits = spec.lm_head(spec.norm(h)).float()
-    cap = spec.logit_softcap
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return torch.log_softmax(logits, dim=-1)
-
-
 def _lens_positions(text_mask: Any, per_sample: int) -> tuple[Any, Any]:
     """Evenly spaced text positions per row (deterministic)."""
     import torch
@@ -290,10 +281,7 @@ def run_pass(
             h_in = state["h_in"].to(h_out.device)
             _layer_stats(pos, h_in.float(), h_out.float())
             if block_span:
-                trace = state.setdefault("trace", [])
-                if pos == 0:
-                    trace.append(h_in[on("text", h_in.device)].float())
-                trace.append(h_out[on("text", h_out.device)].float())
+                _block_stats(pos, h_in, h_out)
         return post_hook
 
     block_sum = np.full((n_layers, block_span + 1), np.nan) if block_span else None
@@ -301,13 +289,20 @@ def run_pass(
         for i in range(n_layers):
             block_sum[i, 1: min(block_span, n_layers - i) + 1] = 0.0
 
-    def _block_stats() -> None:
+    def _block_stats(pos: int, h_in: Any, h_out: Any) -> None:
+        """Angular distance from the inputs of the ``block_span`` layers before ``pos + 1`` to ``pos``'s output;
+        only those inputs are kept (text tokens, float32)."""
         assert block_sum is not None  # called only when block_span > 0
-        trace = state.pop("trace", [])
-        for i in range(n_layers):
-            for n in range(1, min(block_span, n_layers - i) + 1):
-                cos = torch.nn.functional.cosine_similarity(trace[i], trace[i + n].to(trace[i].device), dim=-1).clamp(-1, 1)
-                block_sum[i, n] += float((torch.arccos(cos) / np.pi).sum())
+        trace = state.setdefault("trace", {})
+        if pos == 0:
+            trace.clear()
+            trace[0] = h_in[on("text", h_in.device)].float()
+        out = trace[pos + 1] = h_out[on("text", h_out.device)].float()
+        for n in range(1, min(block_span, pos + 1) + 1):
+            start = trace[pos + 1 - n]
+            cos = torch.nn.functional.cosine_similarity(start, out.to(start.device), dim=-1).clamp(-1, 1)
+            block_sum[pos + 1 - n, n] += float((torch.arccos(cos) / np.pi).sum())
+        trace.pop(pos + 1 - block_span, None)
 
     def _layer_stats(pos: int, h_in: Any, h_out: Any) -> None:
         dist = 1 - torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1)  # [b, s]
@@ -321,8 +316,8 @@ def run_pass(
         if len(lr):
             lr, lc = lr.to(h_out.device), lc.to(h_out.device)
             if pos == 0:
-                state["lens_prev"] = _lens_logprobs(spec, h_in[lr, lc])
-            cur = _lens_logprobs(spec, h_out[lr, lc])
+                state["lens_prev"] = head_logprobs(spec, h_in[lr, lc])
+            cur = head_logprobs(spec, h_out[lr, lc])
             kl = _kl(cur, state["lens_prev"].to(cur.device))
             np.add.at(acc.lens_sum[:, pos], rows[lr.cpu().numpy()], kl.cpu().numpy())
             state["lens_prev"] = cur
@@ -331,6 +326,7 @@ def run_pass(
         text = on("text", share.device).float()
         acc.xattn_sum[state["rows"], pos] += (share * text).sum(-1).cpu().numpy()
 
+    heads = TextLogprobs(model, spec)
     stack = contextlib.ExitStack()
     if layer_scores and spec.is_vlm:
         stack.enter_context(capture_vision_attention(spec, lambda: state.get("vision"), record_xattn))
@@ -340,7 +336,7 @@ def run_pass(
             handles.append(layer.register_forward_hook(make_post_hook(pos), with_kwargs=True))
     start = 0
     try:
-        with stack, torch.inference_mode():
+        with stack, heads.hooked(), torch.inference_mode():
             for b_idx, batch in enumerate(batches):
                 rows = np.arange(start, start + batch.size)
                 start += batch.size
@@ -351,19 +347,25 @@ def run_pass(
                 if bool(batch.vision_mask.any()):
                     acc.xattn_count[rows] += batch.text_mask.sum(-1).cpu().numpy()
                 np.add.at(acc.lens_count, rows[state["lens_idx"][0].cpu().numpy()] if layer_scores else [], 1)
-                logits = model(**batch.inputs, use_cache=False).logits
-                if block_sum is not None and layer_scores:
-                    _block_stats()
-                text_mask = batch.text_mask.to(logits.device)
-                logp = torch.log_softmax(logits.float()[text_mask], dim=-1)  # [n_text, vocab]
-                if kept_reference is not None:
-                    # fp16 halves the bytes of the stored distributions; the top-1 token is kept exactly,
-                    # since near-ties (common in small or random models) would flip in fp16
-                    kept_reference.append(logp.half(), logp.argmax(-1), text_mask.sum(-1))
-                if reference is not None:
-                    ref_logp, ref_top1 = reference[b_idx]
-                    div_rows.append(_divergence_rows(batch, logp, ref_logp.to(logp.device).float(),
-                                                     ref_top1.to(logp.device), rows))
+                output = heads.forward(batch)
+                state.pop("trace", None)
+                with (kept_reference.batch(batch.text_mask.sum(-1)) if kept_reference is not None
+                      else contextlib.nullcontext()) as writer:
+                    ref = reference[b_idx] if reference is not None else None
+                    target, has_next = _next_tokens(batch) if ref is not None else (None, None)
+                    parts = []
+                    for lo, hi, logp in output.chunks():  # [hi - lo, vocab] at text tokens lo…hi-1
+                        if writer is not None:
+                            # fp16 halves the bytes of the stored distributions; the top-1 token is kept
+                            # exactly, since near-ties (common in small or random models) would flip in fp16
+                            writer.write(logp, logp.argmax(-1))
+                        if ref is not None:
+                            assert target is not None  # set with ref
+                            parts.append(_divergence_chunk(logp, ref[0][lo:hi].to(logp.device).float(),
+                                                           ref[1][lo:hi].to(logp.device), target[lo:hi]))
+                    del output
+                if ref is not None:
+                    div_rows.append(_divergence_rows(batch, parts, has_next, rows))
                 tokens["text"] += int(batch.text_mask.sum())
                 tokens["vision"] += int(batch.vision_mask.sum())
                 tokens["lens"] += len(state["lens_idx"][0])
@@ -378,24 +380,36 @@ def run_pass(
     return PassResult(layers, divergence, kept_reference, tokens, blocks)
 
 
-def _divergence_rows(batch: Any, logp: Any, ref: Any, ref_top1: Any, rows: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Per-token KL / top-1 agreement / next-token NLL, as (row ids, kl, agree, nll, nll_mask)."""
+def _next_tokens(batch: Any) -> tuple[Any, Any]:
+    """At every text token (row-major): the next token id, and whether it is a text token of the same row."""
     import torch
 
-    text = batch.text_mask.to(logp.device)
-    row_of = torch.arange(text.shape[0], device=text.device).unsqueeze(1).expand_as(text)[text].cpu().numpy()
-    pos = torch.arange(text.shape[1], device=text.device).unsqueeze(0).expand_as(text)[text].cpu().numpy()
-    kl = _kl(ref, logp).clamp_min(0)
-    agree = (ref_top1 == logp.argmax(-1)).float()
-    # next-token NLL where the next position is a text token of the same row
-    ids = batch.inputs["input_ids"].to(logp.device)
+    text = batch.text_mask
+    ids = batch.inputs["input_ids"]
     nxt = torch.zeros_like(text)
     nxt[:, :-1] = text[:, 1:]
-    has_next = nxt[text]
-    target = torch.roll(ids, -1, dims=1)[text]
-    nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-    host = lambda t: t.float().cpu().numpy()  # noqa: E731
-    return rows[row_of], host(kl), host(agree), host(nll * has_next), host(has_next), pos
+    return torch.roll(ids, -1, dims=1)[text.to(ids.device)].cpu(), nxt[text].cpu()
+
+
+def _divergence_chunk(logp: Any, ref: Any, ref_top1: Any, target: Any) -> tuple[Any, ...]:
+    """Per token of one slice (CPU): KL(ref ‖ logp), top-1 agreement, NLL of ``target``."""
+    kl = _kl(ref, logp).clamp_min(0)
+    agree = (ref_top1 == logp.argmax(-1)).float()
+    nll = -logp.gather(-1, target.to(logp.device).unsqueeze(-1)).squeeze(-1)
+    return tuple(t.float().cpu() for t in (kl, agree, nll))
+
+
+def _divergence_rows(batch: Any, parts: list, has_next: Any, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per-token KL / top-1 agreement / next-token NLL, as (row ids, kl, agree, nll, nll_mask, positions)."""
+    import torch
+
+    text = batch.text_mask.cpu()
+    row_of = torch.arange(text.shape[0]).unsqueeze(1).expand_as(text)[text].numpy()
+    pos = torch.arange(text.shape[1]).unsqueeze(0).expand_as(text)[text].numpy()
+    kl, agree, nll = (torch.cat(c).numpy() if c else np.zeros(0, dtype=np.float32) for c in zip(*parts)) \
+        if parts else (np.zeros(0, dtype=np.float32),) * 3
+    mask = has_next.float().numpy()
+    return rows[row_of], kl, agree, nll * mask, mask, pos
 
 
 def _finish_divergence(div_rows: list, n_samples: int, config: AnalyzeConfig) -> Divergence:

@@ -75,22 +75,29 @@ class ReferenceStore(IndexedView[tuple[Any, Any]]):
     def append(self, logp: Any, top1: Any, row_counts: Any) -> None:
         """Add one batch: ``logp`` [n_text, vocab] (any float dtype; stored as fp16), ``top1`` [n_text] ids,
         ``row_counts`` [batch] text tokens per sample row (they sum to n_text, in row order)."""
-        import torch
+        with self.batch(row_counts) as batch:
+            batch.write(logp, top1)
 
-        half = logp.detach().to("cpu", torch.float16).contiguous()
-        ids = top1.detach().to("cpu", torch.int64).contiguous()
+    @contextlib.contextmanager
+    def batch(self, row_counts: Any) -> Iterator["_BatchWriter"]:
+        """Add one batch a slice of text tokens at a time: ``write(logp, top1)`` for consecutive slices, in
+        order; the batch is recorded when the block ends (and checked against ``row_counts``)."""
         counts = np.asarray(row_counts.detach().cpu() if hasattr(row_counts, "detach") else row_counts, dtype=np.int64)
-        n, vocab = (int(half.shape[0]), int(half.shape[1])) if half.dim() == 2 else (0, 0)
-        if int(ids.shape[0]) != n or int(counts.sum()) != n:
-            raise ValueError(f"reference batch: {n} log-prob rows, {int(ids.shape[0])} top-1 ids and "
-                             f"{int(counts.sum())} text tokens by row disagree")
-        self._file.seek(self._end)
-        for part in (half.view(torch.int16), ids):
-            view = memoryview(part.numpy()).cast("B") if part.numel() else memoryview(b"")
-            while view:  # a raw file may write less than asked
-                view = view[self._file.write(view):]
+        writer = _BatchWriter(self, self._end)
+        yield writer
+        n, vocab = writer.finish()
+        if int(counts.sum()) != n:
+            raise ValueError(f"reference batch: {n} log-prob rows and {int(counts.sum())} text tokens by row disagree")
         self._index.append((self._end, n, vocab, counts))
         self._end += n * vocab * 2 + n * 8
+
+    def _write_at(self, offset: int, part: Any) -> None:
+        import torch
+
+        self._file.seek(offset)
+        view = memoryview(part.view(torch.uint8).numpy()).cast("B") if part.numel() else memoryview(b"")
+        while view:  # a raw file may write less than asked
+            view = view[self._file.write(view):]
 
     # -- reading --------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -153,6 +160,38 @@ def _close_and_unlink(file: Any, path: str) -> None:
     with contextlib.suppress(OSError):
         file.close()
     _unlink(path)
+
+
+class _BatchWriter:
+    """Writes one batch's fp16 log-probs slice by slice; the top-1 ids (small) follow them at :meth:`finish`."""
+
+    def __init__(self, store: ReferenceStore, offset: int) -> None:
+        self.store, self.offset = store, offset
+        self.rows, self.vocab = 0, 0
+        self.top1: list[Any] = []
+
+    def write(self, logp: Any, top1: Any) -> None:
+        """The next ``logp`` [n, vocab] (any float dtype) and their top-1 ids [n]."""
+        import torch
+
+        half = logp.detach().to("cpu", torch.float16).contiguous()
+        ids = top1.detach().to("cpu", torch.int64).contiguous()
+        n, vocab = (int(half.shape[0]), int(half.shape[1])) if half.dim() == 2 else (0, 0)
+        if int(ids.shape[0]) != n or (n and self.rows and vocab != self.vocab):
+            raise ValueError(f"reference batch: {n} log-prob rows of {vocab} and {int(ids.shape[0])} top-1 ids "
+                             f"(earlier rows: {self.vocab} wide)")
+        if n:
+            self.store._write_at(self.offset + self.rows * vocab * 2, half)
+            self.vocab = vocab
+        self.rows += n
+        self.top1.append(ids)
+
+    def finish(self) -> tuple[int, int]:
+        import torch
+
+        ids = torch.cat(self.top1) if self.top1 else torch.zeros(0, dtype=torch.int64)
+        self.store._write_at(self.offset + self.rows * self.vocab * 2, ids)
+        return self.rows, self.vocab
 
 
 class ReferenceView(IndexedView[tuple[Any, Any]]):
