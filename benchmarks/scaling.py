@@ -136,14 +136,14 @@ def count_reference_io() -> dict[str, float]:
     from skipit.compressor.reference import ReferenceStore
 
     io = {"written": 0, "read": 0, "write_s": 0.0, "read_s": 0.0, "peak_file": 0}
-    append, read = ReferenceStore.append, ReferenceStore.read
+    write_at, read = ReferenceStore._write_at, ReferenceStore.read
 
-    def timed_append(self: Any, *a: Any, **kw: Any) -> None:
+    def timed_write_at(self: Any, offset: int, part: Any) -> None:  # every write (log-prob slices, top-1 ids)
         t = time.perf_counter()
-        append(self, *a, **kw)
+        write_at(self, offset, part)
         io["write_s"] += time.perf_counter() - t
-        io["written"] = io["written"] + self._index[-1][1] * (self._index[-1][2] * 2 + 8)
-        io["peak_file"] = max(io["peak_file"], self.nbytes)
+        io["written"] += part.numel() * part.element_size()
+        io["peak_file"] = max(io["peak_file"], offset + part.numel() * part.element_size())
 
     def timed_read(self: Any, *a: Any, **kw: Any) -> Any:
         t = time.perf_counter()
@@ -152,7 +152,7 @@ def count_reference_io() -> dict[str, float]:
         io["read"] += logp.numel() * 2 + top1.numel() * 8
         return logp, top1
 
-    ReferenceStore.append, ReferenceStore.read = timed_append, timed_read
+    ReferenceStore._write_at, ReferenceStore.read = timed_write_at, timed_read
     return io
 
 
@@ -160,6 +160,9 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     """One measurement, in this (fresh) process."""
     import torch
 
+    from skipit.heap import cap_heap_growth
+
+    cap_heap_growth()  # as every skipit command does (skipit.heap)
     torch.set_num_threads(1)
     from skipit.compressor.analyze import AnalyzeConfig, run_pass
     from skipit.compressor.certify import certify

@@ -202,3 +202,55 @@ def test_reference_of_a_200k_vocabulary_does_not_grow_ram_with_samples(tmp_path:
     assert runs["left"] == 0, "reference files must be deleted"
     assert thirty["file"] - six["file"] > 220e6
     assert thirty["peak"] - six["peak"] < 40e6, runs
+
+
+HEAP_PROBE = r'''
+import argparse, ctypes, sys
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+MiB = 1 << 20
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+def kept_after_free():
+    """Resident bytes a freed 16 MiB block leaves behind, after a 24 MiB block was mapped and freed."""
+    a = libc.malloc(24 * MiB); libc.memset(a, 1, 24 * MiB); libc.free(a)
+    before = rss()
+    b = libc.malloc(16 * MiB); libc.memset(b, 1, 16 * MiB)
+    c = libc.malloc(64 * 1024); libc.memset(c, 1, 64 * 1024)  # keeps b off the heap's top
+    libc.free(b)
+    return rss() - before
+
+def job(progress, console):
+    print(kept_after_free() / MiB)
+    return 0
+
+if sys.argv[1] == "cli":
+    from skipit.cli.runner import run_job
+    sys.exit(run_job(argparse.Namespace(quiet=True, verbose=False, debug=True), job))
+print(kept_after_free() / MiB)
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc (Linux) only")
+def test_commands_return_freed_blocks_to_the_system(tmp_path: Path) -> None:
+    """glibc's rising mmap threshold keeps freed MiB-sized blocks resident; every command fixes it (skipit.heap)."""
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's malloc only")
+    probe = tmp_path / "heap_probe.py"
+    probe.write_text(HEAP_PROBE)
+    env = {k: v for k, v in __import__("os").environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+
+    def kept(mode: str) -> float:
+        run = subprocess.run([sys.executable, str(probe), mode], capture_output=True, text=True, env=env, timeout=120)
+        assert run.returncode == 0, run.stderr
+        return float(run.stdout.split()[-1])
+
+    assert kept("plain") >= 15  # glibc's default: the freed 16 MiB block stays resident
+    assert kept("cli") <= 0.5  # under run_job: it was its own mapping, returned when freed

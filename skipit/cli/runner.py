@@ -187,7 +187,9 @@ def run_job(args: argparse.Namespace, job: Callable[[Progress, Any], int]) -> in
     from rich.logging import RichHandler
 
     from skipit.errors import SkipitError
+    from skipit.heap import cap_heap_growth
 
+    cap_heap_growth()  # long passes of large short-lived tensors: see skipit.heap
     console = Console(stderr=True)
     quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
     level = logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING
