@@ -11,7 +11,8 @@ import tiny_models
 
 from skipit.compressor.arch import decoder_spec
 from skipit.compressor.loading import load_model
-from skipit.compressor.rewrite import check_in_memory, remove_layers_, save_checkpoint, verify_reload
+from skipit.compressor.rewrite import (HALF_MAX_MEAN_REL, HALF_MIN_TOP1, check_in_memory, logit_agreement, remove_layers_,
+                                      save_checkpoint, verify_reload)
 from skipit.errors import RewriteError
 
 QWEN2 = "Qwen2ForCausalLM"  # has heterogeneous layer_types
@@ -95,3 +96,27 @@ def test_skipping_restores_the_model(tiny_model_dir) -> None:
     assert torch.equal(before, after)
     assert spec.text_config.layer_types == tiny_models.LAYER_TYPES
     check_in_memory(loaded.model, spec)
+
+
+def test_half_precision_rounding_passes_and_a_missing_layer_does_not(tiny_model_dir) -> None:
+    """16-bit logits differ across thread splits (verify_reload tolerates that); a layer more or less is not that."""
+    loaded, spec = _load(tiny_model_dir, "LlamaForCausalLM")
+    model = loaded.model.to(torch.bfloat16)
+    inputs = {"input_ids": torch.randint(3, 200, (4, 48), generator=torch.Generator().manual_seed(0))}
+    threads = torch.get_num_threads()
+
+    def logits() -> torch.Tensor:
+        with torch.inference_mode():
+            return model(**inputs, use_cache=False).logits
+
+    try:
+        torch.set_num_threads(1)
+        one = logits()
+    finally:
+        torch.set_num_threads(threads)
+    full = logits()
+    same = logit_agreement(one, full, None)
+    assert same["top1_agreement"] >= HALF_MIN_TOP1 and same["mean_rel_logit_error"] <= HALF_MAX_MEAN_REL
+    del spec.layers[3]
+    missing = logit_agreement(logits(), full, None)
+    assert missing["top1_agreement"] < HALF_MIN_TOP1 or missing["mean_rel_logit_error"] > HALF_MAX_MEAN_REL

@@ -134,6 +134,26 @@ def _die_with_parent() -> None:
         pass
 
 
+#: A 16-bit checkpoint's logits are not bit-reproducible across processes: the CPU's bf16 kernels round
+#: differently with another thread split or code path. Measured on SmolLM2-135M in bfloat16, 2 threads vs 1:
+#: max |Δlogit| 0.75, mean |Δ| 1.5 % of mean |logit|, top-1 agreement 1.0 — while one layer more or less
+#: gives 24 % / 0.84 (layer 17) and 190 % / 0.54 (layer 29). So for 16-bit dtypes a max error above ``atol``
+#: passes when the top-1 agreement and the mean relative error (at attended positions) stay within these.
+HALF_DTYPES = ("bfloat16", "float16")
+HALF_MIN_TOP1 = 0.95
+HALF_MAX_MEAN_REL = 0.05
+
+
+def logit_agreement(got: Any, expected: Any, mask: Any | None) -> dict[str, float]:
+    """Top-1 agreement and mean |Δlogit| / mean |logit| of two [batch, seq, vocab] logits (at ``mask`` positions)."""
+    got, expected = got.float(), expected.float()
+    if mask is not None and tuple(mask.shape) == tuple(got.shape[:2]):
+        got, expected = got[mask], expected[mask]
+    top1 = float((got.argmax(-1) == expected.argmax(-1)).float().mean())
+    rel = float((got - expected).abs().mean() / expected.abs().mean().clamp_min(1e-12))
+    return {"top1_agreement": top1, "mean_rel_logit_error": rel}
+
+
 def verify_reload(model_dir: Path, model: Any, spec: Any, inputs: dict[str, Any], *, atol: float = 1e-4) -> dict[str, Any]:
     """Reload ``model_dir`` in a fresh process and compare its logits with ``model``'s on ``inputs``."""
     import torch
@@ -161,12 +181,18 @@ def verify_reload(model_dir: Path, model: Any, spec: Any, inputs: dict[str, Any]
         expected = model(**{k: v.to(device) for k, v in tensors.items()}, use_cache=False).logits.float().cpu()
     err = float((result["logits"].float() - expected).abs().max())
     facts["max_abs_logit_error"] = err
+    mask = tensors.get("attention_mask")
+    facts.update(logit_agreement(result["logits"], expected, None if mask is None else mask.bool()))
     layer_types = facts["layer_types"]
     if facts["num_hidden_layers"] != spec.num_layers or (layer_types is not None and len(layer_types) != spec.num_layers):
         raise RewriteError(f"the reloaded config disagrees with the slim model's {spec.num_layers} layers: {facts}")
-    if err > atol:
+    if err > atol and not (facts["dtype"] in HALF_DTYPES and facts["top1_agreement"] >= HALF_MIN_TOP1
+                           and facts["mean_rel_logit_error"] <= HALF_MAX_MEAN_REL):
         raise RewriteError(f"the reloaded checkpoint's logits differ from the slim model's by {err:.3g} (> {atol}); "
                            "the rewrite is broken")
+    if err > atol:
+        log.info("reload check: max |Δlogit| %.3g in %s is rounding (top-1 agreement %.3f, mean relative error %.3g)",
+                 err, facts["dtype"], facts["top1_agreement"], facts["mean_rel_logit_error"])
     if facts["tie_word_embeddings"] and not facts["tied"]:
         raise RewriteError("tie_word_embeddings is set but the reloaded LM head is not tied to the embeddings")
     return facts
