@@ -109,3 +109,14 @@ def test_log_probs_taken_a_slice_at_a_time_equal_the_models_own(tiny_model_dir, 
             assert torch.allclose(logp.float(), full, atol=1e-2, rtol=0) and torch.equal(top1, full.argmax(-1))
             text_tokens += len(full)
     assert div.kl.mean < 1e-4 and div.top1.mean == 1.0 and int(div.sample_counts[:, 0].sum()) == text_tokens
+
+
+def test_logit_lens_reads_through_the_final_norm(tiny_model_dir) -> None:
+    """The lens is lm_head(norm(h)): scaling the final norm's weight sharpens every lens distribution, so the
+    lens KL between layers changes; a lens that skipped the norm would not see it."""
+    loaded, spec, cal, _ = _setup(tiny_model_dir, "LlamaForCausalLM")
+    before = [layer.score("informational") for layer in run_pass(loaded.model, spec, cal).layers]
+    with torch.no_grad():
+        spec.norm.weight.mul_(4.0)
+    after = [layer.score("informational") for layer in run_pass(loaded.model, spec, cal).layers]
+    assert all(abs(a - b) > 0.1 * b for a, b in zip(after, before)), (before, after)

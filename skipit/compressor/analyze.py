@@ -316,8 +316,8 @@ def run_pass(
         if len(lr):
             lr, lc = lr.to(h_out.device), lc.to(h_out.device)
             if pos == 0:
-                state["lens_prev"] = head_logprobs(spec, h_in[lr, lc])
-            cur = head_logprobs(spec, h_out[lr, lc])
+                state["lens_prev"] = head_logprobs(spec, spec.norm(h_in[lr, lc]))
+            cur = head_logprobs(spec, spec.norm(h_out[lr, lc]))
             kl = _kl(cur, state["lens_prev"].to(cur.device))
             np.add.at(acc.lens_sum[:, pos], rows[lr.cpu().numpy()], kl.cpu().numpy())
             state["lens_prev"] = cur
