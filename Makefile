@@ -57,7 +57,7 @@ demo: install
 
 # ruff and mypy on skipit/ (settings and the strictness chosen: pyproject.toml, README "Development")
 lint: install
-	$(VENV)/bin/ruff check skipit
+	$(VENV)/bin/ruff check skipit benchmarks
 	$(VENV)/bin/mypy
 
 test: install node

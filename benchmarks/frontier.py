@@ -38,7 +38,7 @@ import torch
 
 from skipit.compressor.analyze import run_pass
 from skipit.compressor.arch import decoder_spec
-from skipit.compressor.calibration import load_calibration
+from skipit.compressor.calibration import DataOptions, load_calibration
 from skipit.compressor.batches import encode
 from skipit.compressor.certify import certify
 from skipit.compressor.certificate import CertifyPolicy
@@ -73,7 +73,10 @@ def block_angular(model, spec, batches, k_max, protected) -> tuple[list[list[int
     """Gromov et al.: angular distance between the input of layer l and the input of layer l+n."""
     n_layers = spec.num_layers
     states: dict[int, torch.Tensor] = {}
-    handles = [layer.register_forward_pre_hook(lambda m, a, kw, i=i: states.__setitem__(i, a[0] if a else kw["hidden_states"]), with_kwargs=True)
+    def keep_input(m, a, kw, i):
+        states[i] = a[0] if a else kw["hidden_states"]
+
+    handles = [layer.register_forward_pre_hook(lambda m, a, kw, i=i: keep_input(m, a, kw, i), with_kwargs=True)
                for i, layer in enumerate(spec.layers)]
     handles.append(spec.layers[-1].register_forward_hook(
         lambda m, a, kw, out: states.__setitem__(n_layers, out[0] if isinstance(out, tuple) else out), with_kwargs=True))
@@ -161,7 +164,7 @@ def small_file_case(model, spec, processor, k: int, n_file: int, batch_size: int
     import tempfile
 
     from skipit.compressor import builtin
-    from skipit.compressor.calibration import DataOptions, read_jsonl
+    from skipit.compressor.calibration import read_jsonl
 
     texts = joined_texts(processor, builtin.prose_records(), 256)
     random.Random(0).shuffle(texts)
@@ -216,6 +219,7 @@ def main() -> None:
                         "healed (skipit+heal, sleb+heal columns), e.g. 4,8")
     parser.add_argument("--heal-steps", type=int, default=None)
     parser.add_argument("--heal-method", default="full", help="full, lora, or both comma-separated (full,lora)")
+    parser.add_argument("--heal-scope", default="adjacent", help="adjacent, all, or both comma-separated (adjacent,all)")
     parser.add_argument("--small-file", type=int, default=0, metavar="N",
                         help="also the small-file case: N texts of ≥ 256 tokens as --calib (e.g. 32), k ≤ 4")
     parser.add_argument("--json", type=Path)
@@ -223,9 +227,11 @@ def main() -> None:
     baselines = set() if args.baselines == "none" else set(args.baselines.split(","))
     if args.skip_sleb:
         baselines.discard("sleb")
-    heal_methods = args.heal_method.split(",")
-    if not baselines <= {"shortgpt", "gromov", "sleb"} or not set(heal_methods) <= {"full", "lora"}:
-        parser.error("--baselines takes shortgpt, gromov, sleb or none; --heal-method full and/or lora")
+    heal_methods, heal_scopes = args.heal_method.split(","), args.heal_scope.split(",")
+    if not baselines <= {"shortgpt", "gromov", "sleb"} or not set(heal_methods) <= {"full", "lora"} \
+            or not set(heal_scopes) <= {"adjacent", "all"}:
+        parser.error("--baselines takes shortgpt, gromov, sleb or none; --heal-method full and/or lora; "
+                     "--heal-scope adjacent and/or all")
     given: dict[str, list[list[int]]] = {}
     for item in args.heal_set:
         name, _, layers = item.partition(":")
@@ -235,8 +241,9 @@ def main() -> None:
     model, spec = loaded.model, decoder_spec(loaded.model)
     data = load_calibration(None)
 
-    def enc(split, n):
-        return encode(data.split(split)[:n], loaded.processor, spec, batch_size=args.batch_size)
+    def enc(split, n):  # skipit-compress's sample length (the built-in paragraphs are 90–159 tokens: none is cut)
+        return encode(data.split(split)[:n], loaded.processor, spec, batch_size=args.batch_size,
+                      max_length=DataOptions.max_length)
 
     cal, hold, test = enc("calibration", args.calib_samples), enc("holdout", args.holdout_samples), enc("test", args.test_samples)
     n_cal = sum(b.size for b in cal)
@@ -289,16 +296,17 @@ def main() -> None:
         heal_ref = run_pass(model, spec, heal_batches, keep_reference=True, layer_scores=False).reference
         heal_data = build_heal_data(model, spec, heal_batches, heal_ref)
         done: dict[tuple, dict] = {}
-        for method in heal_methods:
-            config = HealConfig(method=method, **({"steps": args.heal_steps} if args.heal_steps else {}))
-            suffix = "+heal" if method == heal_methods[0] else f"+heal({method})"
+        variants = [(m, sc) for m in heal_methods for sc in heal_scopes]
+        for method, scope in variants:
+            config = HealConfig(method=method, scope=scope, **({"steps": args.heal_steps} if args.heal_steps else {}))
+            suffix = "+heal" if (method, scope) == variants[0] else f"+heal({method},{scope})"
             for r in [r for r in list(rows) if (r["method"] in ("skipit", "sleb") and r["k"] in heal_ks)
                       or r["method"] in given]:
-                key = (method, tuple(r["layers"]))
+                key = (method, scope, tuple(r["layers"]))
                 if key not in done:
                     (h, te), secs = healed(model, spec, r["layers"], heal_data, config,
                                            [(hold, hold_ref), (test, test_ref)])
-                    done[key] = {**h, "ppl": math.exp(h["nll"]), "heal_method": method,
+                    done[key] = {**h, "ppl": math.exp(h["nll"]), "heal_method": method, "heal_scope": scope,
                                  "test_ppl_ratio": math.exp(te["nll"] - base_nll["test"]), "heal_seconds": round(secs, 1)}
                 rows.append({**r, "method": r["method"] + suffix, **done[key]})
     if args.small_file:

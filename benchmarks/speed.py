@@ -142,8 +142,8 @@ def table(result: SpeedResult, profile: dict[str, Any], remove: list[int], total
         # the control lacks no layer (limit ×1); ORT is another runtime: the torch limit is shown for reference
         what = {"torch slim": "limit", "torch control": "expect"}.get(r.name, "torch limit")
 
-        def limit(key: str) -> float:
-            return 1.0 if r.name == "torch control" else limits[key]
+        def limit(key: str, name: str = r.name) -> float:
+            return 1.0 if name == "torch control" else limits[key]
 
         cells = [f"×{r.prefill_latency_ratio[n]:.3f} ({what} ×{limit(f'prefill {n}'):.3f})" for n in lens]
         cells.append(f"×{r.decode_latency_ratio:.3f} ({what} ×{limit('decode'):.3f})"
