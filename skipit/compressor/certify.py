@@ -114,7 +114,9 @@ def certify(
         else:  # the calibration split is too small to screen on a part of it
             tries = tries[: policy.verify_top]
         trials = {t: do_pass("calibration", calibration, list(t), reference=reference) for t in tries}
-        best = min(trials, key=lambda t: (trials[t].measured.kl.hi, ranking.get(options[t][1], 1.0)))
+        # the lowest mean KL wins (the held-out check measures a mean; choosing by the upper bound preferred a
+        # steadier but costlier set: SmolLM2 k = 7, 0.949 over 0.943 on calibration, 0.973 over 0.956 held out)
+        best = min(trials, key=lambda t: (trials[t].measured.kl.mean, ranking.get(options[t][1], 1.0)))
         result = trials[best]
         div = result.measured
         kind, label = options[best]
@@ -297,7 +299,7 @@ def _try_swap(policy: CertifyPolicy, select: CertifyPolicy, do_pass: Callable[..
         return current, div, chosen
     trial = do_pass("calibration", calibration, swapped[u], reference=reference)
     tdiv = trial.measured
-    better = tdiv.kl.hi < div.kl.hi and select.admits(tdiv)
+    better = tdiv.kl.mean < div.kl.mean and select.admits(tdiv)
     steps.append(Step(sorted(swapped[u]), u, better, tdiv.kl.mean, tdiv.kl.hi, tdiv.top1.mean,
                       ranking[u], "swap"))
     emit("step", asdict(steps[-1]))
