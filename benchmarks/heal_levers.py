@@ -12,6 +12,10 @@ weights are put back between variants. "More text" has no source here but the mo
 
 Printed per variant: held-out KL (its one-sided 95 % upper bound) · top-1, seconds of healing, and the
 training KL over the first and last 7 steps (a last figure far below the held-out KL says: too little text).
+
+Measured 2026-12-03 (idle, 2 cores): ``--generate 128 --variants '[{"steps": 80, "scope": "all"}]'``: written
+in 170 s; held-out KL 0.495 → 0.323 (0.378) · top-1 0.686 in 374 s; training KL 0.379 → 0.128. Without the
+written text (frontier.py's run of that day) the same healing gives 0.329.
 """
 
 from __future__ import annotations
