@@ -120,3 +120,28 @@ def test_logit_lens_reads_through_the_final_norm(tiny_model_dir) -> None:
         spec.norm.weight.mul_(4.0)
     after = [layer.score("informational") for layer in run_pass(loaded.model, spec, cal).layers]
     assert all(abs(a - b) > 0.1 * b for a, b in zip(after, before)), (before, after)
+
+
+def _screen(per_sample_kl: list[float], tokens: int = 50):
+    import numpy as np
+
+    from skipit.compressor.analyze import Divergence
+    from skipit.compressor.stats import Estimate
+
+    kl = np.asarray(per_sample_kl)
+    est = Estimate(float(kl.mean()), float(kl.min()), float(kl.max()), len(kl))
+    sums = np.zeros((len(kl), 3))
+    sums[:, 0] = kl * tokens
+    return Divergence(est, est, est, sample_sums=sums, sample_counts=np.full((len(kl), 2), tokens))
+
+
+def test_a_screen_tie_is_judged_paired_over_the_screened_samples() -> None:
+    from skipit.compressor.certify import _screen_tied
+
+    last_in = _screen([0.90, 1.00, 0.80, 1.10])
+    # 0.0001 above on average, differences of both signs: the screen cannot tell them apart
+    assert _screen_tied(_screen([0.95, 0.95, 0.85, 1.0504]), last_in, 1.0)
+    # above on every sample by the same margin: clearly worse however small the gap (no spread)
+    assert not _screen_tied(_screen([0.91, 1.01, 0.81, 1.11]), last_in, 1.0)
+    assert not _screen_tied(_screen([0.95, 0.95, 0.85, 1.0504]), last_in, 0.0), "0 turns the rule off"
+    assert _screen_tied(_screen([5.0]), _screen([1.0]), 1.0), "one sample: no spread to judge by"

@@ -45,13 +45,16 @@ def test_compress_reload_generate(arch: str, tiny_model_dir, tmp_path: Path) -> 
     cert = result.certificate
     assert len(cert.layers) == 2 and cert.n_layers == len(tiny_models.LAYER_TYPES)
     assert 0 not in cert.layers and cert.n_layers - 1 not in cert.layers, "protected layers were removed"
-    # one base pass, then per removed layer verify_top candidate sets verified on the whole split (plus at most
-    # one confirmed swap), after at most probe_width + 1 (block) + swap_width screens on part of it
+    # one base pass, then per removed layer verify_top candidate sets verified on the whole split (plus the next
+    # one where the screen ties it, and at most one confirmed swap), after at most probe_width + 1 (block) +
+    # swap_width screens on part of it
     # (SLEB: ~L full passes per removed layer)
     policy = CertifyPolicy(max_kl=None, max_layers=2)
     k = len(cert.layers)
     swaps = sum(s.kind == "swap" for s in cert.steps)
-    assert swaps <= k - 1 and cert.passes["calibration"] == 1 + policy.verify_top * k + swaps
+    tied = cert.passes["tie_verified"]
+    assert swaps <= k - 1 and 0 <= tied <= k
+    assert cert.passes["calibration"] == 1 + policy.verify_top * k + tied + swaps
     assert cert.passes["screen"] <= (policy.probe_width + 1 + policy.swap_width) * k
     frac = cert.passes["screen_samples"] / cert.passes["calibration_samples"]
     assert 0 < frac < 1, "screening must use part of the calibration samples"

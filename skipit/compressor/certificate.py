@@ -39,6 +39,9 @@ class CertifyPolicy:
             then verified on the whole calibration split.
         verify_top: candidates per step verified on the whole calibration split after screening.
         screen_fraction: share of the calibration batches a screening pass uses (at least one batch).
+        screen_tie_se: the candidate that screens next after the ``verify_top`` is verified as well when
+            its screen is within this many standard errors (paired over the screened samples) of the last
+            one in: a screen of a few samples cannot tell such sets apart. 0 turns this off.
         max_vision_attention: cross-modal condition (VLMs): a layer whose text queries put more than
             this share of their attention on vision tokens is not a candidate (it carries the
             image into the text stream). None disables the condition.
@@ -61,6 +64,7 @@ class CertifyPolicy:
     probe_width: int = 6
     verify_top: int = 2
     screen_fraction: float = 0.25
+    screen_tie_se: float = 1.0
     max_vision_attention: float | None = 0.5
     bound: str = "worst-domain"
     block_candidates: bool = True
@@ -85,6 +89,8 @@ class CertifyPolicy:
         share = self.max_vision_attention
         if share is not None and not 0 < share <= 1:
             raise InvalidOptionError(f"--max-vision-attention must be in (0, 1] or none, got {share}")
+        if self.screen_tie_se < 0:
+            raise InvalidOptionError(f"screen_tie_se must be ≥ 0, got {self.screen_tie_se}")
         if not 0 < self.screen_fraction <= 1:
             raise InvalidOptionError(f"screen_fraction must be in (0, 1], got {self.screen_fraction}")
 
