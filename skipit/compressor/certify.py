@@ -112,15 +112,14 @@ def certify(
         tries = list(options)
         if len(tries) > policy.verify_top and screen_set[2] < n_cal:
             screened = {t: screen(list(t)) for t in tries}
+            log.debug("screened %s", {t: round(d.kl.mean, 4) for t, d in screened.items()})
             ranked = sorted(tries, key=lambda t: screened[t].kl.mean)
-            tries = ranked[: policy.verify_top]
+            tries, following = ranked[: policy.verify_top], ranked[policy.verify_top]
             # the next one is verified too when the screen cannot tell it from the last one in (SmolLM2 k = 7:
             # {12..18} screened 0.9504 against 0.9503, and was the better set on calibration and held-out text)
-            log.debug("screened %s", {t: round(d.kl.mean, 4) for t, d in screened.items()})
-            tied = [t for t in ranked[policy.verify_top: policy.verify_top + 1]
-                    if _screen_tied(screened[t], screened[tries[-1]], policy.screen_tie_se)]
-            passes["tie_verified"] += len(tied)
-            tries += tied
+            if _screen_tied(screened[following], screened[tries[-1]], policy.screen_tie_se):
+                tries.append(following)
+                passes["tie_verified"] += 1
         else:  # the calibration split is too small to screen on a part of it
             tries = tries[: policy.verify_top]
         trials = {t: do_pass("calibration", calibration, list(t), reference=reference) for t in tries}
@@ -278,20 +277,25 @@ def _screen_subset(batches: Sequence[Any], reference: Any, fraction: float) -> t
     return head, reference.cut(len(head), head.last_rows), head.n_samples
 
 
-def _screen_kl(div: Divergence, samples: int) -> float:
-    """Mean KL over the first ``samples`` samples of a full pass: what a screen of that set would measure."""
+def _kl_sums(div: Divergence) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample KL sums and text-token counts of a pass."""
     if div.sample_sums is None or div.sample_counts is None:
         raise ValueError("this Divergence has no per-sample sums (run_pass records them)")
-    sums, counts = div.sample_sums[:samples, 0], div.sample_counts[:samples, 0]
-    return float(sums.sum() / max(counts.sum(), 1))
+    return div.sample_sums[:, 0], div.sample_counts[:, 0]
+
+
+def _screen_kl(div: Divergence, samples: int) -> float:
+    """Mean KL over the first ``samples`` samples of a full pass: what a screen of that set would measure."""
+    sums, counts = _kl_sums(div)
+    return float(sums[:samples].sum() / max(counts[:samples].sum(), 1))
 
 
 def _screen_tied(a: Divergence, b: Divergence, se: float) -> bool:
     """Whether screen ``a`` lies within ``se`` paired standard errors above screen ``b`` (same samples)."""
-    if se <= 0 or a.sample_sums is None or b.sample_sums is None or a.sample_counts is None or b.sample_counts is None:
+    if se <= 0:
         return False
-    counts = np.maximum(a.sample_counts[:, 0], 1)
-    diff = (a.sample_sums[:, 0] - b.sample_sums[:, 0]) / counts
+    (a_sums, counts), (b_sums, _) = _kl_sums(a), _kl_sums(b)
+    diff = (a_sums - b_sums) / np.maximum(counts, 1)
     if len(diff) < 2:  # one sample: no spread to judge by
         return True
     return bool(diff.mean() <= se * diff.std(ddof=1) / np.sqrt(len(diff)))
