@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 from frontier import measure, smollm2
@@ -30,7 +31,7 @@ from frontier import measure, smollm2
 from skipit.compressor.analyze import run_pass
 from skipit.compressor.arch import decoder_spec
 from skipit.compressor.batches import encode
-from skipit.compressor.calibration import DataOptions, Sample, load_calibration
+from skipit.compressor.calibration import DataOptions, Sample, load_calibration, read_jsonl
 from skipit.compressor.heal import HealConfig, build_heal_data, heal_
 from skipit.compressor.loading import load_model
 
@@ -57,6 +58,8 @@ def main() -> None:
     parser.add_argument("--generate", type=int, default=0, metavar="N", help="texts the original writes for healing")
     parser.add_argument("--prompt", type=int, default=16, help="tokens of a calibration text each one continues")
     parser.add_argument("--length", type=int, default=160, help="tokens per written text (the built-in: 90–159)")
+    parser.add_argument("--heal-data", type=Path, metavar="FILE.jsonl",
+                        help="more text for healing, as skipit-compress --heal-data reads it (prose_corpus.py writes one)")
     parser.add_argument("--variants", default='[{"steps": 80}, {"steps": 80, "scope": "all"}]',
                         help="JSON list of HealConfig fields, one healing each")
     args = parser.parse_args()
@@ -74,11 +77,15 @@ def main() -> None:
     removed = [int(x) for x in args.removed.split(",")]
     before = measure(model, spec, hold, hold_ref, removed)
     print(f"removed {removed}: unhealed held-out KL {before['kl']:.3f} ({before['kl_hi']:.3f}) · top-1 {before['top1']:.3f}")
-    extra = []
+    written: list[Sample] = []
     if args.generate:
         t = time.perf_counter()
-        extra = enc(generated(model, tok, data.split("calibration"), args.generate, args.prompt, args.length))
+        written = generated(model, tok, data.split("calibration"), args.generate, args.prompt, args.length)
         print(f"the original wrote {args.generate} texts of {args.length} tokens in {time.perf_counter() - t:.0f} s")
+    given = read_jsonl(args.heal_data) if args.heal_data else []
+    if given:
+        print(f"--heal-data {args.heal_data}: {len(given)} texts")
+    extra = enc(written + given) if written or given else []
     heal_data = build_heal_data(model, spec, cal, cal_ref, extra)
     for fields in json.loads(args.variants):
         result = heal_(model, spec, removed, heal_data, HealConfig(**fields))
@@ -87,7 +94,8 @@ def main() -> None:
         finally:
             result.undo(model)
         first, last = result.losses[:7], result.losses[-7:]
-        print(f"{json.dumps(fields)} (+{args.generate} written): held-out KL {after['kl']:.3f} ({after['kl_hi']:.3f}) · "
+        print(f"{json.dumps(fields)} (+{len(written)} written, +{len(given)} given): "
+              f"held-out KL {after['kl']:.3f} ({after['kl_hi']:.3f}) · "
               f"top-1 {after['top1']:.3f} in {result.seconds:.0f} s; training KL "
               f"{sum(first) / len(first):.3f} → {sum(last) / len(last):.3f}")
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -88,7 +88,6 @@ class Divergence:
     kl: Estimate
     top1: Estimate
     nll: Estimate
-    per_sample_kl: list[float] = field(default_factory=list)
     #: per-sample sums [samples, 3] of (KL, top-1 agreement, next-token NLL), for paired statistics
     sample_sums: np.ndarray | None = None
     #: per-sample counts [samples, 2] of (text tokens, text tokens with a next text token)
@@ -423,12 +422,11 @@ def _finish_divergence(div_rows: list, n_samples: int, config: AnalyzeConfig) ->
     kw: dict[str, Any] = {"confidence": config.confidence, "n_boot": config.n_boot, "one_sided": True}
     kl, top1 = bootstrap_ratio(sums[:, :2], counts, **kw)
     (nll,) = bootstrap_ratio(sums[:, 2], nll_counts, **kw)
-    per_sample = np.divide(sums[:, 0], counts, out=np.zeros(n_samples), where=counts > 0)
     token_rows = np.concatenate([r[0] for r in div_rows]) if div_rows else np.zeros(0, dtype=int)
     token_kl = np.concatenate([r[1] for r in div_rows]) if div_rows else np.zeros(0)
     token_agree = np.concatenate([r[2] for r in div_rows]) if div_rows else np.zeros(0)
     token_pos = np.concatenate([r[5] for r in div_rows]) if div_rows else np.zeros(0, dtype=int)
-    return Divergence(kl, top1, nll, per_sample.tolist(), sums, np.stack([counts, nll_counts], axis=1), token_kl, token_rows,
+    return Divergence(kl, top1, nll, sums, np.stack([counts, nll_counts], axis=1), token_kl, token_rows,
                       token_pos, token_agree)
 
 
